@@ -1,0 +1,1 @@
+"""uqserve's shared contract: answer space and prompt, bundle format, uncertainty math."""

@@ -1,0 +1,321 @@
+"""The adapter bundle: what training exports and the server loads.
+
+A bundle is a directory::
+
+    manifest.json                       BundleManifest (pydantic, schema_version)
+    members/<name>/adapter_config.json  peft's LoRA config   } each member loads with plain
+    members/<name>/adapter_model.safetensors                 } peft.PeftModel.from_pretrained
+    <artifact>.safetensors              method-specific tensors (Laplace factors, MoE routers), listed in
+                                        manifest.artifacts
+
+Only JSON and safetensors are read; a pickle-capable file anywhere in the bundle is an error. The
+reader checks everything and raises one :class:`~core.errors.BundleError` listing every problem.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from core.answers import DEFAULT_ANSWER_FORMAT, PROMPT_VERSION, AnswerFormat
+from core.basemodel import BaseModelInfo
+from core.errors import BundleError, IncompatibleBundleError
+from core.multilora import LoraLayout, layout_of_peft_tensors
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_FORBIDDEN_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".npy", ".npz")
+
+
+class Method(StrEnum):
+    """How a bundle's members combine into a predictive distribution."""
+
+    ENSEMBLE = "ensemble"
+    """M LoRA members (M = 1 is the MAP baseline), weighted average of their choice distributions."""
+    LAPLACE = "laplace"
+    """MAP LoRA plus a Kronecker-factored Laplace posterior over its weights (Laplace-LoRA)."""
+    MOE = "moe"
+    """Mixture of LoRA experts with top-k routers (UQ4CT)."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MemberSpec(_Model):
+    name: str = Field(pattern=NAME_PATTERN.pattern)
+    weight: float = Field(gt=0)
+    seed: int | None = None
+
+
+class BaseModelRef(_Model):
+    model_id: str
+    weight_hash: str
+    num_layers: int
+    hidden_size: int
+
+
+class AnswerSpaceSpec(_Model):
+    answer_format: AnswerFormat = DEFAULT_ANSWER_FORMAT
+    prompt_version: str = PROMPT_VERSION
+    max_tokens: int = 768
+
+
+class LoraSpec(_Model):
+    rank: int = Field(gt=0)
+    alpha: float = Field(gt=0)
+    target_modules: tuple[str, ...]
+    layers: tuple[int, ...]
+
+    def layout(self) -> LoraLayout:
+        return LoraLayout(tuple(self.target_modules), tuple(self.layers), self.rank, self.alpha)
+
+
+class Histogram(_Model):
+    """Reference distribution of a score on validation data: ``len(counts) == len(edges) - 1``."""
+
+    edges: tuple[float, ...]
+    counts: tuple[int, ...]
+
+
+class Calibration(_Model):
+    temperature: float = Field(default=1.0, gt=0)
+    validation_metrics: dict[str, float] = {}
+    reference_histograms: dict[str, Histogram] = {}
+
+
+class Thresholds(_Model):
+    """Abstain when a score exceeds its threshold (None = never on that score)."""
+
+    predictive_entropy: float | None = None
+    mutual_information: float | None = None
+    one_minus_max_probability: float | None = None
+    target: str = ""  # how they were chosen, e.g. "risk<=0.2 on validation"
+
+
+class Provenance(_Model):
+    git_sha: str = "unknown"
+    created_at: str = ""
+    uqserve_version: str = "0.1.0"
+
+
+class BundleManifest(_Model):
+    schema_version: int = SCHEMA_VERSION
+    name: str = Field(pattern=NAME_PATTERN.pattern)
+    version: str = "1"
+    method: Method
+    members: tuple[MemberSpec, ...]
+    base_model: BaseModelRef
+    answer_space: AnswerSpaceSpec = AnswerSpaceSpec()
+    lora: LoraSpec
+    training: dict[str, Any] = {}
+    data_hashes: dict[str, str] = {}
+    calibration: Calibration = Calibration()
+    thresholds: Thresholds = Thresholds()
+    provenance: Provenance = Provenance()
+    artifacts: dict[str, str] = {}  # role → file name (safetensors or json), method-specific
+    method_config: dict[str, Any] = {}
+
+    def calibration_hash(self) -> str:
+        payload = json.dumps(self.calibration.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(payload).hexdigest()[:16]
+
+    def weights(self) -> torch.Tensor:
+        """Member weights normalized to sum to 1: [M]."""
+        w = torch.tensor([m.weight for m in self.members], dtype=torch.float64)
+        return (w / w.sum()).float()
+
+
+class Bundle:
+    """A validated bundle in memory: manifest, member tensors (peft keys), artifact tensors."""
+
+    def __init__(self, path: Path, manifest: BundleManifest, members: dict[str, dict[str, torch.Tensor]],
+                 artifacts: dict[str, dict[str, torch.Tensor] | dict[str, Any]]) -> None:
+        self.path = path
+        self.manifest = manifest
+        self.members = members
+        self.artifacts = artifacts
+
+    def check_base(self, info: BaseModelInfo) -> None:
+        """Refuse a bundle made for another base model (IncompatibleBundleError lists every mismatch)."""
+        ref, problems = self.manifest.base_model, []
+        if ref.weight_hash != info.weight_hash:
+            problems.append(f"base weight hash {ref.weight_hash[:12]}… ≠ loaded {info.weight_hash[:12]}…")
+        if ref.num_layers != info.num_layers or ref.hidden_size != info.hidden_size:
+            problems.append(f"base shape {ref.num_layers}×{ref.hidden_size} ≠ loaded "
+                            f"{info.num_layers}×{info.hidden_size}")
+        if max(self.manifest.lora.layers) >= info.num_layers:
+            problems.append(f"adapts layer {max(self.manifest.lora.layers)} but the base has {info.num_layers}")
+        if problems:
+            raise IncompatibleBundleError(problems, bundle=self.manifest.name)
+
+
+def git_sha() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def provenance() -> Provenance:
+    return Provenance(git_sha=git_sha(), created_at=datetime.now(UTC).isoformat(timespec="seconds"))
+
+
+def _adapter_config(lora: LoraSpec, base_model_id: str) -> dict[str, Any]:
+    from peft import LoraConfig
+
+    config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=list(lora.target_modules),
+                        layers_to_transform=list(lora.layers), lora_dropout=0.0, bias="none",
+                        task_type="CAUSAL_LM", base_model_name_or_path=base_model_id)
+    return config.to_dict()
+
+
+def write_bundle(path: Path, manifest: BundleManifest, members: dict[str, dict[str, torch.Tensor]],
+                 artifacts: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+    """Write a bundle atomically (temp dir, then rename); ``members`` maps member name → peft tensors."""
+    artifacts = artifacts or {}
+    if {m.name for m in manifest.members} != set(members):
+        raise BundleError("manifest members and member tensors differ", bundle=manifest.name)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "members").mkdir(parents=True)
+    config = _adapter_config(manifest.lora, manifest.base_model.model_id)
+    for name, tensors in members.items():
+        member_dir = tmp / "members" / name
+        member_dir.mkdir()
+        (member_dir / "adapter_config.json").write_text(json.dumps(config, indent=2, default=list))
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+                  str(member_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+    for role, tensors in artifacts.items():
+        file = manifest.artifacts.get(role)
+        if file is None or not file.endswith(".safetensors"):
+            raise BundleError(f"artifact {role!r} needs a .safetensors entry in manifest.artifacts")
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / file))
+    (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2))
+    if path.exists():
+        shutil.rmtree(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp.rename(path)
+    return path
+
+
+def _read_safetensors(file: Path, problems: list[str], label: str) -> dict[str, torch.Tensor] | None:
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as err:
+        problems.append(f"{label}: unreadable safetensors ({err})")
+        return None
+
+
+def read_bundle(path: Path | str, expect_base: BaseModelInfo | None = None) -> Bundle:
+    """Read and validate a bundle; every problem found is reported in one BundleError."""
+    path = Path(path)
+    label = path.name
+    if not path.is_dir():
+        raise BundleError(f"no bundle directory at {label}", bundle=label)
+    problems: list[str] = []
+    for file in path.rglob("*"):
+        if file.suffix.lower() in _FORBIDDEN_SUFFIXES:
+            problems.append(f"{file.relative_to(path)}: pickle-capable files are refused; use safetensors")
+        if file.is_symlink():
+            problems.append(f"{file.relative_to(path)}: symlinks are refused")
+    try:
+        manifest = BundleManifest.model_validate_json((path / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise BundleError([f"missing {MANIFEST}", *problems], bundle=label) from None
+    except ValidationError as err:
+        details = [f"manifest {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()]
+        raise BundleError(details + problems, bundle=label) from None
+    if manifest.schema_version != SCHEMA_VERSION:
+        problems.append(f"schema_version {manifest.schema_version} is not supported (this reader: {SCHEMA_VERSION})")
+    if not manifest.members:
+        problems.append("no members")
+    members: dict[str, dict[str, torch.Tensor]] = {}
+    for member in manifest.members:
+        member_dir = path / "members" / member.name
+        tensors = _check_member(member_dir, member.name, manifest.lora, problems)
+        if tensors is not None:
+            members[member.name] = tensors
+    artifacts: dict[str, Any] = {}
+    for role, file in manifest.artifacts.items():
+        artifact = path / file
+        if Path(file).name != file or not artifact.is_file():
+            problems.append(f"artifact {role!r}: missing file {file!r}")
+        elif file.endswith(".safetensors"):
+            loaded = _read_safetensors(artifact, problems, f"artifact {role!r}")
+            if loaded is not None:
+                artifacts[role] = loaded
+        elif file.endswith(".json"):
+            artifacts[role] = json.loads(artifact.read_text())
+        else:
+            problems.append(f"artifact {role!r}: only .safetensors and .json are allowed")
+    if problems:
+        raise BundleError(problems, bundle=manifest.name)
+    bundle = Bundle(path, manifest, members, artifacts)
+    if expect_base is not None:
+        bundle.check_base(expect_base)
+    return bundle
+
+
+def _check_member(member_dir: Path, name: str, lora: LoraSpec, problems: list[str]) -> dict[str, torch.Tensor] | None:
+    config_file = member_dir / "adapter_config.json"
+    weights_file = member_dir / "adapter_model.safetensors"
+    if not config_file.is_file() or not weights_file.is_file():
+        problems.append(f"member {name}: needs adapter_config.json and adapter_model.safetensors")
+        return None
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        problems.append(f"member {name}: adapter_config.json is not JSON ({err})")
+        return None
+    if config.get("peft_type") != "LORA":
+        problems.append(f"member {name}: peft_type {config.get('peft_type')!r} is not LORA")
+    if config.get("r") != lora.rank or float(config.get("lora_alpha", -1)) != lora.alpha:
+        problems.append(f"member {name}: r/alpha {config.get('r')}/{config.get('lora_alpha')} ≠ manifest "
+                        f"{lora.rank}/{lora.alpha}")
+    if config.get("use_dora") or config.get("modules_to_save"):
+        problems.append(f"member {name}: DoRA and modules_to_save are not supported")
+    tensors = _read_safetensors(weights_file, problems, f"member {name}")
+    if tensors is None:
+        return None
+    layers, modules, rank = layout_of_peft_tensors(tensors)
+    if not tensors or not layers:
+        problems.append(f"member {name}: no LoRA tensors with peft keys")
+    if not layers <= set(lora.layers) or not modules <= set(lora.target_modules) or rank > lora.rank:
+        problems.append(f"member {name}: tensors adapt layers {sorted(layers)} modules {sorted(modules)} rank "
+                        f"{rank}, outside the manifest's layout")
+    if any(not torch.isfinite(t).all() for t in tensors.values()):
+        problems.append(f"member {name}: non-finite weights")
+    return tensors
+
+
+def bundle_path(root: Path, name: str) -> Path:
+    """Resolve a bundle *name* under ``root``; names are validated, never paths."""
+    if not NAME_PATTERN.match(name) or ".." in name:
+        raise BundleError(f"invalid bundle name {name!r}: letters, digits, '_', '-', '.' only")
+    resolved = (root / name).resolve()
+    if resolved.parent != root.resolve():
+        raise BundleError(f"bundle name {name!r} escapes the bundle root")
+    return resolved
+
+
+def base_ref(info: BaseModelInfo) -> BaseModelRef:
+    return BaseModelRef(model_id=info.model_id, weight_hash=info.weight_hash, num_layers=info.num_layers,
+                        hidden_size=info.hidden_size)

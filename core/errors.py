@@ -1,0 +1,28 @@
+"""Domain errors shared by training and serving; none of them knows about HTTP."""
+
+from __future__ import annotations
+
+
+class UqserveError(Exception):
+    """Base class of every error uqserve raises on purpose."""
+
+
+class BaseModelError(UqserveError):
+    """The base model is missing, unreadable, or not a supported local checkpoint."""
+
+
+class BundleError(UqserveError):
+    """A bundle is malformed; the message lists every problem found, one per line."""
+
+    def __init__(self, problems: list[str] | str, *, bundle: str | None = None) -> None:
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        where = f"bundle {bundle!r}: " if bundle else ""
+        super().__init__(where + "; ".join(self.problems))
+
+
+class IncompatibleBundleError(BundleError):
+    """A well-formed bundle that does not fit the loaded base model (hash, layers, shapes)."""
+
+
+class InvalidQuestionError(UqserveError, ValueError):
+    """A question cannot be scored: too few or too many choices, empty text, too long."""

@@ -1,0 +1,228 @@
+"""Stacked multi-LoRA: many adapters live in slots of one base model and each batch row picks its slot.
+
+For every adapted linear layer ``W0`` (shape ``[out, in]``) the container holds
+``lora_A [S, r_max, in]``, ``lora_B [S, out, r_max]`` and ``scaling [S]``. A forward hook adds, for batch
+row ``i`` with slot ``s_i``, ``scaling[s_i] · x_i A_{s_i}^T B_{s_i}^T`` to ``W0 x_i``: two batched matmuls
+over gathered per-row factors, so rows of many adapters (ensemble members, bundles) share one forward.
+Slot ``-1`` (or a slot with no weights at this layer) adds nothing. Ranks below ``r_max`` are zero-padded,
+which is exact.
+
+The same container trains M ensemble members at once (slots = members, parameters trainable) and
+serves loaded bundles (slots filled from peft-format adapters). peft's on-disk format is the
+interchange: :func:`peft_state_dict` / :func:`load_peft_state_dict` map slots to and from it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+ALL_MODULES = ATTENTION_MODULES + MLP_MODULES
+_PEFT_KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
+
+
+@dataclass(frozen=True)
+class LoraLayout:
+    """Where adapters go: target module names, decoder layer indices, and the rank/alpha of the slots."""
+
+    target_modules: tuple[str, ...]
+    layers: tuple[int, ...]
+    rank: int
+    alpha: float
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    @property
+    def first_layer(self) -> int:
+        return min(self.layers)
+
+
+def _parent_name(module: str) -> str:
+    return "self_attn" if module in ATTENTION_MODULES else "mlp"
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layer list of a Llama-family causal LM (Llama, Mistral, SmolLM2, Qwen2 …)."""
+    return model.model.layers  # type: ignore[return-value,union-attr]
+
+
+class SlotFactors(nn.Module):
+    """LoRA factors for one linear layer, one slot per adapter.
+
+    lora_A [S, r_max, in], lora_B [S, out, r_max], scaling [S]; ``present[s]`` marks slots with weights.
+    """
+
+    def __init__(self, base: nn.Linear, num_slots: int, max_rank: int) -> None:
+        super().__init__()
+        param = base.weight
+        self.lora_A = nn.Parameter(torch.zeros(num_slots, max_rank, base.in_features, dtype=torch.float32,
+                                               device=param.device), requires_grad=False)
+        self.lora_B = nn.Parameter(torch.zeros(num_slots, base.out_features, max_rank, dtype=torch.float32,
+                                               device=param.device), requires_grad=False)
+        self.register_buffer("scaling", torch.zeros(num_slots, device=param.device))
+        self.register_buffer("present", torch.zeros(num_slots, dtype=torch.bool, device=param.device))
+
+    def delta(self, x: torch.Tensor, row_slots: torch.Tensor) -> torch.Tensor | None:
+        """x [R, T, in], row_slots [R] → LoRA delta [R, T, out], or None when no row has weights here."""
+        safe = row_slots.clamp_min(0)
+        live = self.present[safe] & (row_slots >= 0)
+        if not bool(live.any()):
+            return None
+        a = self.lora_A[safe].to(x.dtype)  # [R, r, in]
+        b = self.lora_B[safe].to(x.dtype)  # [R, out, r]
+        scale = (self.scaling[safe] * live).to(x.dtype)  # [R]
+        hidden = torch.bmm(x, a.transpose(1, 2))  # [R, T, r]
+        return torch.bmm(hidden, b.transpose(1, 2)) * scale[:, None, None]
+
+
+class MultiLora(nn.Module):
+    """Slots of LoRA adapters hooked onto a frozen base model (the model itself is never modified).
+
+    ``with multilora.rows(row_slots):`` makes every forward of the base model inside the block apply
+    slot ``row_slots[i]`` to batch row ``i``. Outside such a block the hooks add nothing.
+    """
+
+    def __init__(self, model: nn.Module, layout: LoraLayout, num_slots: int) -> None:
+        super().__init__()
+        self.layout = layout
+        self.num_slots = num_slots
+        self.factors = nn.ModuleDict()
+        self._row_slots: torch.Tensor | None = None
+        self._handles = []
+        layers = decoder_layers(model)
+        for layer in layout.layers:
+            if not 0 <= layer < len(layers):
+                raise ValueError(f"layer {layer} outside 0..{len(layers) - 1}")
+            for name in layout.target_modules:
+                base = getattr(getattr(layers[layer], _parent_name(name)), name)
+                factors = SlotFactors(base, num_slots, layout.rank)
+                self.factors[f"{layer}.{name}"] = factors
+                self._handles.append(base.register_forward_hook(self._hook(factors)))
+
+    def _hook(self, factors: SlotFactors):  # noqa: ANN202 - torch hook signature
+        def add_delta(_module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+            if self._row_slots is None:
+                return output
+            delta = factors.delta(inputs[0], self._row_slots)
+            return output if delta is None else output + delta
+
+        return add_delta
+
+    def remove(self) -> None:
+        """Detach the hooks from the base model."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    @contextmanager
+    def rows(self, row_slots: torch.Tensor | None) -> Iterator[None]:
+        """Apply slot ``row_slots[i]`` ([R] long, -1 = base model) to row i of forwards inside the block."""
+        previous, self._row_slots = self._row_slots, row_slots
+        try:
+            yield
+        finally:
+            self._row_slots = previous
+
+    def slot_parameters(self, slot: int) -> list[torch.Tensor]:
+        """Views of one slot's A and B factors (for the L2 prior term)."""
+        out: list[torch.Tensor] = []
+        for factors in self.factors.values():
+            out.extend((factors.lora_A[slot], factors.lora_B[slot]))
+        return out
+
+    def init_for_training(self, slot: int, generator: torch.Generator) -> None:
+        """peft's default init: A ~ Kaiming-uniform(a=√5), B = 0, so training starts at the base model."""
+        for factors in self.factors.values():
+            fan_in = factors.lora_A.shape[-1]
+            bound = 1.0 / math.sqrt(fan_in)  # kaiming_uniform with a=sqrt(5) gives 1/sqrt(fan_in)
+            with torch.no_grad():
+                factors.lora_A[slot].uniform_(-bound, bound, generator=generator)
+                factors.lora_B[slot].zero_()
+                factors.scaling[slot] = self.layout.scaling
+                factors.present[slot] = True
+
+    def clear_slot(self, slot: int) -> None:
+        with torch.no_grad():
+            for factors in self.factors.values():
+                factors.lora_A[slot].zero_()
+                factors.lora_B[slot].zero_()
+                factors.scaling[slot] = 0.0
+                factors.present[slot] = False
+
+    def peft_state_dict(self, slot: int) -> dict[str, torch.Tensor]:
+        """One slot as peft's adapter_model.safetensors keys (``…layers.{i}.self_attn.q_proj.lora_A.weight``)."""
+        out: dict[str, torch.Tensor] = {}
+        rank = self.layout.rank
+        for key, factors in self.factors.items():
+            layer, name = key.split(".")
+            prefix = f"base_model.model.model.layers.{layer}.{_parent_name(name)}.{name}"
+            out[f"{prefix}.lora_A.weight"] = factors.lora_A[slot, :rank].detach().clone().contiguous()
+            out[f"{prefix}.lora_B.weight"] = factors.lora_B[slot, :, :rank].detach().clone().contiguous()
+        return out
+
+    def load_peft_state_dict(self, slot: int, tensors: dict[str, torch.Tensor], scaling: float) -> None:
+        """Fill ``slot`` from peft-format tensors; every key must map to a hooked layer of matching shape."""
+        problems = check_peft_tensors(tensors, self)
+        if problems:
+            raise ValueError("; ".join(problems))
+        self.clear_slot(slot)
+        with torch.no_grad():
+            for key, tensor in tensors.items():
+                match = _PEFT_KEY.match(key)
+                assert match is not None
+                layer, _, name, which = match.groups()
+                factors = self.factors[f"{layer}.{name}"]
+                if which == "A":
+                    factors.lora_A[slot, : tensor.shape[0]].copy_(tensor)
+                else:
+                    factors.lora_B[slot, :, : tensor.shape[1]].copy_(tensor)
+                factors.scaling[slot] = scaling
+                factors.present[slot] = True
+
+
+def check_peft_tensors(tensors: dict[str, torch.Tensor], multilora: MultiLora) -> list[str]:
+    """Every problem that stops ``tensors`` loading into ``multilora``'s slots (empty when they fit)."""
+    problems: list[str] = []
+    for key, tensor in tensors.items():
+        match = _PEFT_KEY.match(key)
+        if match is None:
+            problems.append(f"unexpected tensor {key!r}")
+            continue
+        layer, _, name, which = match.groups()
+        factors = multilora.factors[f"{layer}.{name}"] if f"{layer}.{name}" in multilora.factors else None
+        if factors is None:
+            problems.append(f"{key}: layer {layer} {name} is not adapted in this engine's layout")
+            continue
+        max_rank = factors.lora_A.shape[1]
+        want = (None, factors.lora_A.shape[2]) if which == "A" else (factors.lora_B.shape[1], None)
+        rank = tensor.shape[0] if which == "A" else tensor.shape[-1]
+        if tensor.ndim != 2 or rank > max_rank or any(w is not None and w != s for w, s in zip(want, tensor.shape,
+                                                                                                  strict=True)):
+            problems.append(f"{key}: shape {tuple(tensor.shape)} does not fit (rank ≤ {max_rank}, dims {want})")
+    return problems
+
+
+def layout_of_peft_tensors(tensors: dict[str, torch.Tensor]) -> tuple[set[int], set[str], int]:
+    """(layers, module names, rank) that a peft-format state dict adapts."""
+    layers: set[int] = set()
+    modules: set[str] = set()
+    rank = 0
+    for key, tensor in tensors.items():
+        match = _PEFT_KEY.match(key)
+        if match is None:
+            continue
+        layers.add(int(match.group(1)))
+        modules.add(match.group(3))
+        if match.group(4) == "A":
+            rank = max(rank, int(tensor.shape[0]))
+    return layers, modules, rank

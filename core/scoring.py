@@ -1,0 +1,110 @@
+"""Choice scoring: one packed forward of a Llama-family model → per-row K choice scores.
+
+The forward is split at a layer ``k`` so that a frozen **trunk** (layers ``< k``, no adapter there) runs
+once per question and its hidden states fan out to the R adapter rows (ensemble members, bundles)
+that run the **upper** layers ``k..L-1``. With ``k = 0`` it is the plain full-depth forward.
+Training caches the trunk's output for the whole training set; serving computes it per batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from core.answers import AnswerFormat, PackedBatch, Question, choice_scores, encode_question, pack_questions
+from core.multilora import decoder_layers
+
+DEFAULT_MAX_TOKENS = 768
+
+
+class ChoiceScorer:
+    """Scores multiple-choice questions with a frozen causal LM (plus whatever LoRA hooks are active)."""
+
+    def __init__(self, model: Any, tokenizer: Any, answer_format: AnswerFormat,
+                 max_tokens: int = DEFAULT_MAX_TOKENS) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.answer_format = AnswerFormat(answer_format)
+        self.max_tokens = max_tokens
+        self.layers = decoder_layers(model)
+        self.num_layers = len(self.layers)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def pack(self, questions: list[Question]) -> PackedBatch:
+        encoded = [encode_question(self.tokenizer, q, self.answer_format, self.max_tokens) for q in questions]
+        return pack_questions(encoded, self.answer_format).to(self.device)
+
+    def _additive_mask(self, attention: torch.Tensor) -> torch.Tensor:
+        """bool [B, 1, T, T] (True = attend) → additive float mask in the model's dtype."""
+        zero = torch.zeros((), dtype=self.dtype, device=attention.device)
+        return torch.where(attention, zero, torch.finfo(self.dtype).min)
+
+    def run_layers(self, hidden: torch.Tensor, batch: PackedBatch, start: int, stop: int,
+                   row_question: torch.Tensor | None = None) -> torch.Tensor:
+        """Run decoder layers ``start..stop-1``. hidden [R, T, D]; row_question [R] maps rows to packed questions."""
+        if start >= stop:
+            return hidden
+        positions = batch.position_ids if row_question is None else batch.position_ids[row_question]
+        attention = batch.attention if row_question is None else batch.attention[row_question]
+        mask = self._additive_mask(attention)
+        rotary = self.model.model.rotary_emb(hidden, position_ids=positions)
+        for layer in self.layers[start:stop]:
+            hidden = layer(hidden, attention_mask=mask, position_ids=positions, position_embeddings=rotary)
+        return hidden
+
+    def trunk(self, batch: PackedBatch, stop: int) -> torch.Tensor:
+        """Embeddings and layers ``0..stop-1``: [B, T, D], one row per question."""
+        hidden = self.model.model.embed_tokens(batch.input_ids)
+        return self.run_layers(hidden, batch, 0, stop)
+
+    def upper(self, hidden: torch.Tensor, batch: PackedBatch, start: int,
+              row_question: torch.Tensor) -> torch.Tensor:
+        """Layers ``start..L-1`` and the answer head for R rows. hidden [B, T, D] (per question) → scores [R, K]."""
+        rows = hidden[row_question]
+        rows = self.run_layers(rows, batch, start, self.num_layers, row_question)
+        return self.head(rows, batch, row_question)
+
+    def head(self, hidden: torch.Tensor, batch: PackedBatch, row_question: torch.Tensor) -> torch.Tensor:
+        """Final norm + LM head at the scored positions only. hidden [R, T, D] → choice scores [R, K]."""
+        pos = batch.score_pos[row_question]  # [R, K, L]
+        tgt = batch.score_tgt[row_question]
+        r, k, ell = pos.shape
+        gathered = torch.gather(hidden, 1, pos.reshape(r, k * ell, 1).expand(-1, -1, hidden.shape[-1]))
+        normed = self.model.model.norm(gathered)  # [R, K*L, D]
+        weight = self.model.lm_head.weight  # [V, D]
+        if batch.answer_format == AnswerFormat.LETTER:
+            logits = (normed * weight[tgt.reshape(r, k * ell)]).sum(-1)  # [R, K] (L = 1)
+            token_scores = logits.reshape(r, k, ell)
+        else:
+            mask = batch.score_mask[row_question].reshape(r, k * ell)
+            token_scores = torch.zeros(r, k * ell, dtype=normed.dtype, device=normed.device)
+            flat_h = normed[mask]  # [N, D], real (choice, token) pairs only
+            flat_t = tgt.reshape(r, k * ell)[mask]
+            logprobs = []
+            for lo in range(0, flat_h.shape[0], 512):
+                chunk = torch.log_softmax((flat_h[lo : lo + 512] @ weight.T).float(), dim=-1)
+                logprobs.append(chunk.gather(1, flat_t[lo : lo + 512, None])[:, 0])
+            token_scores = token_scores.masked_scatter(mask, torch.cat(logprobs).to(normed.dtype))
+            token_scores = token_scores.reshape(r, k, ell)
+        return choice_scores(token_scores.float(), batch, row_question)
+
+    def scores(self, batch: PackedBatch, row_question: torch.Tensor | None = None, split: int = 0) -> torch.Tensor:
+        """Full forward: choice scores [R, K] (rows default to one per question)."""
+        if row_question is None:
+            row_question = torch.arange(batch.num_questions, device=batch.input_ids.device)
+        return self.upper(self.trunk(batch, split), batch, split, row_question)
+
+    @torch.no_grad()
+    def probabilities(self, questions: list[Question]) -> list[torch.Tensor]:
+        """Base-model (or active-hook) choice probabilities, one [K_i] tensor per question."""
+        batch = self.pack(questions)
+        probs = torch.softmax(self.scores(batch), dim=-1)
+        return [probs[i, : len(q.choices)] for i, q in enumerate(questions)]

@@ -1,0 +1,47 @@
+"""Packed scoring equals K separate forwards; the split trunk/upper forward equals the full forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from core.answers import AnswerFormat, choice_continuations, prompt_prefix
+from core.scoring import ChoiceScorer
+
+
+def _reference_scores(model, tokenizer, q, fmt):  # noqa: ANN001, ANN202
+    prefix = tokenizer(prompt_prefix(q, fmt), add_special_tokens=False)["input_ids"]
+    out = []
+    for cont in choice_continuations(q, fmt):
+        ids = tokenizer(cont, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logits = model(torch.tensor([prefix + ids])).logits[0].double()
+        if fmt == AnswerFormat.LETTER:
+            out.append(float(logits[len(prefix) - 1, ids[0]]))
+        else:
+            logp = torch.log_softmax(logits, -1)
+            out.append(sum(float(logp[len(prefix) - 1 + j, t]) for j, t in enumerate(ids)) / len(ids))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("fmt", list(AnswerFormat))
+def test_packed_batch_matches_separate_forwards(tiny_base, tiny_questions, fmt) -> None:  # noqa: ANN001
+    scorer = ChoiceScorer(tiny_base.model, tiny_base.tokenizer, fmt)
+    with torch.no_grad():
+        scores = scorer.scores(scorer.pack(tiny_questions))
+    for i, q in enumerate(tiny_questions):
+        ref = _reference_scores(tiny_base.model, tiny_base.tokenizer, q, fmt)
+        k = len(q.choices)
+        torch.testing.assert_close(scores[i, :k].double(), ref, atol=1e-4, rtol=1e-4)
+        assert torch.isinf(scores[i, k:]).all()
+
+
+@pytest.mark.parametrize("split", [1, 2, 3])
+def test_trunk_split_equals_full_forward(tiny_base, tiny_questions, split) -> None:  # noqa: ANN001
+    scorer = ChoiceScorer(tiny_base.model, tiny_base.tokenizer, AnswerFormat.CLOZE)
+    batch = scorer.pack(tiny_questions)
+    with torch.no_grad():
+        full = scorer.scores(batch, split=0)
+        rows = torch.tensor([0, 0, 1, 2, 3, 3])
+        fanned = scorer.upper(scorer.trunk(batch, split), batch, split, rows)
+    torch.testing.assert_close(fanned, full[rows])
