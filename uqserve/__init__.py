@@ -1,0 +1,1 @@
+"""uqserve command-line entry point (dispatches to training/ and service/ lazily)."""

@@ -1,0 +1,63 @@
+"""``uqserve`` command: ``train {ensemble,laplace,uq4ct}``, ``eval``, ``serve``.
+
+Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``;
+modules are imported only when their subcommand runs, so serving never imports training code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+_TRAIN = {
+    "ensemble": ("training.ensemble_cli", "LoRA ensemble (M members; M=1 is the MAP baseline)"),
+    "laplace": ("training.laplace_cli", "Laplace-LoRA: KFAC posterior over a MAP LoRA"),
+    "uq4ct": ("training.uq4ct_cli", "UQ4CT: mixture of LoRA experts with a calibration loss"),
+}
+_TOP = {
+    "eval": ("training.eval_cli", "evaluate a bundle on a dataset split (metrics JSON + plots)"),
+    "serve": ("service.cli", "run the HTTP service"),
+}
+
+
+def _add(sub: argparse._SubParsersAction, name: str, module: str, help_text: str) -> None:
+    parser = sub.add_parser(name, help=help_text)
+    parser.set_defaults(_module=module)
+    try:
+        importlib.import_module(module).add_arguments(parser)
+    except ModuleNotFoundError as err:
+        parser.set_defaults(_missing=str(err))
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="uqserve", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train a bundle").add_subparsers(dest="method", required=True)
+    # Only import the module of the subcommand being run (argparse needs its arguments).
+    wanted = argv[:2]
+    for name, (module, help_text) in _TRAIN.items():
+        if wanted[:1] == ["train"] and wanted[1:2] == [name]:
+            _add(train, name, module, help_text)
+        else:
+            train.add_parser(name, help=help_text, add_help=False)
+    for name, (module, help_text) in _TOP.items():
+        if wanted[:1] == [name]:
+            _add(sub, name, module, help_text)
+        else:
+            sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
+    if getattr(args, "_missing", None):
+        print(f"uqserve: this subcommand is unavailable ({args._missing}); install the matching extra",
+              file=sys.stderr)
+        return 2
+    return int(importlib.import_module(args._module).run(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
