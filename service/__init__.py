@@ -1,0 +1,1 @@
+"""uqserve's HTTP service: FastAPI app factory over the multi-LoRA uncertainty engine."""

@@ -1,0 +1,43 @@
+"""Threshold abstention: abstain when a score exceeds its threshold; reasons name every score that did.
+
+Threshold resolution, per score: the request's value, else the bundle's calibrated recommendation,
+else the server setting; None at every level means that score never triggers abstention.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from core.bundle import Thresholds
+from service.engine.types import THRESHOLD_NAMES, ThresholdsUsed
+
+
+def resolve_thresholds(request: Mapping[str, float | None], bundle: Thresholds,
+                       settings: Mapping[str, float | None]) -> ThresholdsUsed:
+    values: dict[str, float | None] = {}
+    sources: dict[str, str] = {}
+    for name in THRESHOLD_NAMES:
+        for source, value in (("request", request.get(name)), ("bundle", getattr(bundle, name)),
+                              ("settings", settings.get(name))):
+            if value is not None:
+                values[name], sources[name] = float(value), source
+                break
+        else:
+            values[name], sources[name] = None, "none"
+    return ThresholdsUsed(values=values, sources=sources)
+
+
+def abstain_reasons(used: ThresholdsUsed, *, predictive_entropy: float, mutual_information: float | None,
+                    max_probability: float) -> list[str]:
+    """Names of the scores above their thresholds, in THRESHOLD_NAMES order (MI None is never checked)."""
+    observed = {
+        "predictive_entropy": predictive_entropy,
+        "mutual_information": mutual_information,
+        "one_minus_max_probability": 1.0 - max_probability,
+    }
+    reasons = []
+    for name in THRESHOLD_NAMES:
+        limit, value = used.values.get(name), observed[name]
+        if limit is not None and value is not None and value > limit:
+            reasons.append(name)
+    return reasons

@@ -1,0 +1,113 @@
+"""Engine-internal values passed between the HTTP layer and the engine (plain dataclasses, no pydantic)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+THRESHOLD_NAMES = ("predictive_entropy", "mutual_information", "one_minus_max_probability")
+
+
+@dataclass(frozen=True)
+class AnswerOptions:
+    """Per-request options: threshold overrides (None = fall through to bundle, then settings)."""
+
+    thresholds: dict[str, float | None] = field(default_factory=dict)
+    return_members: bool = False
+
+
+@dataclass(frozen=True)
+class BundleRef:
+    """Lineage of an answer: which bundle version and calibration produced it."""
+
+    name: str
+    version: str
+    method: str
+    base_model_hash: str
+    calibration_hash: str
+
+
+@dataclass(frozen=True)
+class ThresholdsUsed:
+    values: dict[str, float | None]  # name → threshold (None = not applied)
+    sources: dict[str, str]  # name → "request" | "bundle" | "settings"
+
+
+@dataclass(frozen=True)
+class Timings:
+    queue_ms: float  # enqueue → forward start
+    forward_ms: float  # the shared forward this question rode in
+    batch_rows: int  # rows in that forward (all bundles and members)
+
+
+@dataclass(frozen=True)
+class AnswerResult:
+    """One answered question. ``probabilities`` [K]; ``members`` [M][K] only when requested."""
+
+    request_id: str
+    answer_index: int
+    abstained: bool
+    abstain_reasons: list[str]
+    probabilities: list[float]
+    predictive_entropy: float
+    expected_entropy: float | None
+    mutual_information: float | None
+    max_probability: float
+    members: list[list[float]] | None
+    thresholds_used: ThresholdsUsed
+    bundle: BundleRef
+    timings: Timings
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class BundleStatus:
+    name: str
+    version: str
+    method: str
+    members: list[str]
+    answer_format: str
+    base_model_hash: str
+    calibration_hash: str
+    lora_rank: int
+    lora_layers: list[int]
+    slots: list[int]
+    in_flight: int
+    loaded_at: float  # unix time
+    validation_ece: float | None
+    thresholds: dict[str, float | None]
+
+
+@dataclass(frozen=True)
+class FeedbackOutcome:
+    request_id: str
+    bundle: str
+    result: str  # "joined"
+
+
+@dataclass(frozen=True)
+class WindowStats:
+    """Sliding-window metrics over the last labelled requests of one bundle."""
+
+    labelled: int
+    accuracy: float
+    ece: float
+    brier: float
+    nll: float
+
+
+@dataclass(frozen=True)
+class BundleMonitor:
+    """What the metrics collector reads per loaded bundle at scrape time."""
+
+    bundle: str
+    validation_ece: float | None
+    window: WindowStats | None
+    drift_ks: dict[str, float]  # score name → KS statistic vs the manifest's reference histogram
+    drift_psi: dict[str, float]
+
+
+class EngineObserver:
+    """Hooks the engine calls from its batching loop; the service implements them with Prometheus."""
+
+    def batch_done(self, rows: int, queue_waits_s: list[float]) -> None:
+        """One shared forward ran ``rows`` rows; ``queue_waits_s`` has one entry per question in it."""

@@ -1,0 +1,80 @@
+"""Server settings, read once from ``UQSERVE_*`` environment variables (and ``.env``).
+
+Example: ``UQSERVE_ADMIN_KEY=s3cret UQSERVE_PRELOAD_BUNDLES=default,arc-laplace python -m service``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob of the service; limits are counted in characters, questions or LoRA rows."""
+
+    model_config = SettingsConfigDict(env_prefix="UQSERVE_", env_file=".env", env_ignore_empty=True,
+                                      extra="ignore")
+
+    # model and bundles
+    base_model: str = "smollm2-135m"  # name known to core.basemodel, or a local HF model directory
+    device: str = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    bundle_root: Path = Path("bundles")
+    preload_bundles: Annotated[list[str], NoDecode] = ["default"]  # comma-separated in the environment
+    admin_key: SecretStr | None = None  # UQSERVE_ADMIN_KEY; admin endpoints answer 403 while unset
+
+    # HTTP
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    request_timeout_s: float = Field(default=30.0, gt=0)
+    max_question_chars: int = Field(default=4000, gt=0)
+    max_context_chars: int = Field(default=8000, gt=0)
+    max_choice_chars: int = Field(default=500, gt=0)
+    max_batch_questions: int = Field(default=64, gt=0)
+
+    # batching (limits in rows: one row = one question × one member)
+    max_batch_rows: int = Field(default=64, gt=0)
+    max_wait_ms: float = Field(default=5.0, ge=0)
+    max_queue_rows: int = Field(default=2048, gt=0)
+    torch_threads: int | None = Field(default=None, gt=0)  # None = every core
+
+    # multi-LoRA slots
+    max_lora_rank: int = Field(default=16, gt=0)
+    max_slots: int = Field(default=32, gt=0)
+
+    # monitoring
+    feedback_capacity: int = Field(default=100_000, gt=0)  # requests remembered for delayed labels
+    feedback_window: int = Field(default=500, gt=0)  # labelled requests per bundle in the window gauges
+    drift_window: int = Field(default=500, gt=0)  # live requests per bundle in the KS/PSI window
+    drift_min_samples: int = Field(default=50, gt=0)  # drift gauges appear once the window holds this many
+
+    # abstention defaults (used when neither the request nor the bundle sets a threshold; None = never)
+    abstain_predictive_entropy: float | None = Field(default=None, ge=0)
+    abstain_mutual_information: float | None = Field(default=None, ge=0)
+    abstain_one_minus_max_probability: float | None = Field(default=None, ge=0, le=1)
+
+    @field_validator("preload_bundles", mode="before")
+    @classmethod
+    def _split_names(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [name.strip() for name in value.split(",") if name.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _consistent_limits(self) -> Settings:
+        if self.max_batch_rows > self.max_queue_rows:
+            raise ValueError(f"max_batch_rows ({self.max_batch_rows}) exceeds max_queue_rows "
+                             f"({self.max_queue_rows})")
+        if self.admin_key is not None and len(self.admin_key.get_secret_value()) < 8:
+            raise ValueError("admin_key must be at least 8 characters")
+        return self
+
+    def default_thresholds(self) -> dict[str, float | None]:
+        return {
+            "predictive_entropy": self.abstain_predictive_entropy,
+            "mutual_information": self.abstain_mutual_information,
+            "one_minus_max_probability": self.abstain_one_minus_max_probability,
+        }
