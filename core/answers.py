@@ -116,21 +116,25 @@ def encode_question(tokenizer: Any, q: Question, answer_format: AnswerFormat, ma
 
 @dataclass
 class PackedBatch:
-    """B questions packed for one forward; shapes use T = longest packed row, K = most choices, L = longest choice.
+    """Questions packed into rows for one forward. Q questions in B rows (usually one question per row;
+    training packs several short questions into one row to avoid padding). T = longest row, K = most
+    choices, L = longest choice.
 
-    input_ids     [B, T]        prefix then (cloze) every choice's tokens, right-padded with 0
-    position_ids  [B, T]        0..P-1 over the prefix, restarting at P for every choice
-    attention     [B, 1, T, T]  bool, True = may attend: causal in the prefix, a choice sees the prefix and
-                                its own earlier tokens, padding sees only itself
-    score_pos     [B, K, L]     position whose next-token logits score token l of choice k
-    score_tgt     [B, K, L]     the token id being scored there (letter format: L = 1, the letter id)
-    score_mask    [B, K, L]     bool, real (choice, token) pairs
-    choice_mask   [B, K]        bool, real choices
+    input_ids     [B, T]        per question: prefix then (cloze) every choice's tokens; right-padded with 0
+    position_ids  [B, T]        0..P-1 over a prefix, restarting at P for every choice and at 0 per question
+    attention     [B, 1, T, T]  bool, True = may attend: causal within a prefix; a choice sees its question's
+                                prefix and its own earlier tokens; nothing crosses questions; padding sees itself
+    question_row  [Q]           the row holding each question
+    score_pos     [Q, K, L]     position (in its row) whose next-token logits score token l of choice k
+    score_tgt     [Q, K, L]     the token id scored there (letter format: L = 1, the letter id)
+    score_mask    [Q, K, L]     bool, real (choice, token) pairs
+    choice_mask   [Q, K]        bool, real choices
     """
 
     input_ids: torch.Tensor
     position_ids: torch.Tensor
     attention: torch.Tensor
+    question_row: torch.Tensor
     score_pos: torch.Tensor
     score_tgt: torch.Tensor
     score_mask: torch.Tensor
@@ -139,60 +143,84 @@ class PackedBatch:
 
     @property
     def num_questions(self) -> int:
-        return int(self.input_ids.shape[0])
+        return int(self.question_row.shape[0])
 
     def to(self, device: torch.device | str) -> PackedBatch:
         moved = {k: v.to(device) for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
         return PackedBatch(**moved, answer_format=self.answer_format)
 
 
+def packed_length(enc: EncodedQuestion, answer_format: AnswerFormat) -> int:
+    """Tokens a question occupies in a packed row."""
+    extra = sum(map(len, enc.choice_ids)) if answer_format == AnswerFormat.CLOZE else 0
+    return len(enc.prefix_ids) + extra
+
+
 def pack_questions(encoded: list[EncodedQuestion], answer_format: AnswerFormat) -> PackedBatch:
-    """Pack encoded questions into one right-padded batch with block attention (see :class:`PackedBatch`)."""
+    """One question per row (see :class:`PackedBatch`); question i is row i."""
+    return pack_rows([[e] for e in encoded], answer_format)
+
+
+def pack_rows(rows: list[list[EncodedQuestion]], answer_format: AnswerFormat) -> PackedBatch:
+    """Pack questions into rows, several per row allowed, with block attention (see :class:`PackedBatch`)."""
     cloze = answer_format == AnswerFormat.CLOZE
-    lengths = [len(e.prefix_ids) + (sum(map(len, e.choice_ids)) if cloze else 0) for e in encoded]
-    b, t = len(encoded), max(lengths)
-    k = max(len(e.choice_ids) for e in encoded)
-    ell = max(len(c) for e in encoded for c in e.choice_ids) if cloze else 1
+    flat = [e for row in rows for e in row]
+    b = len(rows)
+    t = max(sum(packed_length(e, answer_format) for e in row) for row in rows)
+    k = max(len(e.choice_ids) for e in flat)
+    ell = max(len(c) for e in flat for c in e.choice_ids) if cloze else 1
+    q = len(flat)
     input_ids = torch.zeros(b, t, dtype=torch.long)
     position_ids = torch.zeros(b, t, dtype=torch.long)
-    segment = torch.full((b, t), -2, dtype=torch.long)  # -1 prefix, k choice k, -2 padding
-    score_pos = torch.zeros(b, k, ell, dtype=torch.long)
-    score_tgt = torch.zeros(b, k, ell, dtype=torch.long)
-    score_mask = torch.zeros(b, k, ell, dtype=torch.bool)
-    choice_mask = torch.zeros(b, k, dtype=torch.bool)
-    for i, enc in enumerate(encoded):
-        p = len(enc.prefix_ids)
-        input_ids[i, :p] = torch.tensor(enc.prefix_ids)
-        position_ids[i, :p] = torch.arange(p)
-        segment[i, :p] = -1
-        choice_mask[i, : len(enc.choice_ids)] = True
-        cursor = p
-        for j, ids in enumerate(enc.choice_ids):
-            if not cloze:
-                score_pos[i, j, 0], score_tgt[i, j, 0], score_mask[i, j, 0] = p - 1, ids[0], True
-                continue
-            n = len(ids)
-            input_ids[i, cursor : cursor + n] = torch.tensor(ids)
-            position_ids[i, cursor : cursor + n] = torch.arange(p, p + n)
-            segment[i, cursor : cursor + n] = j
-            # token 0 is predicted from the prefix's last position, token l from the choice's token l-1
-            score_pos[i, j, 0] = p - 1
-            score_pos[i, j, 1:n] = torch.arange(cursor, cursor + n - 1)
-            score_tgt[i, j, :n] = torch.tensor(ids)
-            score_mask[i, j, :n] = True
-            cursor += n
-        position_ids[i, cursor:] = torch.arange(t - cursor) + (int(position_ids[i, cursor - 1]) + 1 if cursor else 0)
+    owner = torch.full((b, t), -1, dtype=torch.long)  # question index within the row, -1 = padding
+    segment = torch.full((b, t), -2, dtype=torch.long)  # -1 prefix, j = choice j, -2 padding
+    question_row = torch.zeros(q, dtype=torch.long)
+    score_pos = torch.zeros(q, k, ell, dtype=torch.long)
+    score_tgt = torch.zeros(q, k, ell, dtype=torch.long)
+    score_mask = torch.zeros(q, k, ell, dtype=torch.bool)
+    choice_mask = torch.zeros(q, k, dtype=torch.bool)
+    qi = 0
+    for r, row in enumerate(rows):
+        cursor = 0
+        for slot, enc in enumerate(row):
+            p = len(enc.prefix_ids)
+            start = cursor
+            input_ids[r, start : start + p] = torch.tensor(enc.prefix_ids)
+            position_ids[r, start : start + p] = torch.arange(p)
+            owner[r, start : start + p] = slot
+            segment[r, start : start + p] = -1
+            question_row[qi] = r
+            choice_mask[qi, : len(enc.choice_ids)] = True
+            cursor = start + p
+            for j, ids in enumerate(enc.choice_ids):
+                if not cloze:
+                    score_pos[qi, j, 0], score_tgt[qi, j, 0], score_mask[qi, j, 0] = start + p - 1, ids[0], True
+                    continue
+                n = len(ids)
+                input_ids[r, cursor : cursor + n] = torch.tensor(ids)
+                position_ids[r, cursor : cursor + n] = torch.arange(p, p + n)
+                owner[r, cursor : cursor + n] = slot
+                segment[r, cursor : cursor + n] = j
+                # token 0 is predicted from the prefix's last position, token l from the choice's token l-1
+                score_pos[qi, j, 0] = start + p - 1
+                score_pos[qi, j, 1:n] = torch.arange(cursor, cursor + n - 1)
+                score_tgt[qi, j, :n] = torch.tensor(ids)
+                score_mask[qi, j, :n] = True
+                cursor += n
+            qi += 1
+        position_ids[r, cursor:] = torch.arange(t - cursor)
     causal = torch.ones(t, t, dtype=torch.bool).tril()
-    same = segment[:, :, None] == segment[:, None, :]
+    same_question = (owner[:, :, None] == owner[:, None, :]) & (owner[:, :, None] >= 0)
+    same_segment = segment[:, :, None] == segment[:, None, :]
     sees_prefix = (segment[:, :, None] >= 0) & (segment[:, None, :] == -1)
-    attention = causal & (same | sees_prefix)
-    pad = segment == -2
-    eye = torch.eye(t, dtype=torch.bool)
-    attention = torch.where(pad[:, :, None], eye, attention)
+    attention = causal & same_question & (same_segment | sees_prefix)
+    pad = owner < 0
+    attention = torch.where(pad[:, :, None], torch.eye(t, dtype=torch.bool), attention)
     return PackedBatch(
         input_ids=input_ids,
         position_ids=position_ids,
         attention=attention[:, None],
+        question_row=question_row,
         score_pos=score_pos,
         score_tgt=score_tgt,
         score_mask=score_mask,
@@ -201,15 +229,13 @@ def pack_questions(encoded: list[EncodedQuestion], answer_format: AnswerFormat) 
     )
 
 
-def choice_scores(token_logprobs: torch.Tensor, batch_rows: PackedBatch, row_question: torch.Tensor) -> torch.Tensor:
+def choice_scores(token_logprobs: torch.Tensor, score_mask: torch.Tensor, choice_mask: torch.Tensor) -> torch.Tensor:
     """Per-choice scores whose softmax is the choice distribution.
 
-    token_logprobs [R, K, L]: log p(score_tgt | prefix, earlier choice tokens) for each row (cloze), or the
-    letter logits (letter, L = 1). row_question [R]: which packed question each row belongs to.
-    Returns [R, K]: mean over real tokens (length-normalized log-likelihood), -inf for absent choices.
+    token_logprobs [N, K, L]: log p(scored token | prefix, earlier choice tokens) (cloze), or the letter
+    logits (letter, L = 1); score_mask [N, K, L] and choice_mask [N, K] for the same N questions.
+    Returns [N, K]: mean over real tokens (length-normalized log-likelihood), -inf for absent choices.
     """
-    mask = batch_rows.score_mask[row_question].to(token_logprobs.dtype)
-    total = (token_logprobs * mask).sum(-1)
-    count = mask.sum(-1).clamp_min(1.0)
-    scores = total / count
-    return scores.masked_fill(~batch_rows.choice_mask[row_question], float("-inf"))
+    mask = score_mask.to(token_logprobs.dtype)
+    scores = (token_logprobs * mask).sum(-1) / mask.sum(-1).clamp_min(1.0)
+    return scores.masked_fill(~choice_mask, float("-inf"))

@@ -72,17 +72,30 @@ class SlotFactors(nn.Module):
         self.register_buffer("scaling", torch.zeros(num_slots, device=param.device))
         self.register_buffer("present", torch.zeros(num_slots, dtype=torch.bool, device=param.device))
 
-    def delta(self, x: torch.Tensor, row_slots: torch.Tensor) -> torch.Tensor | None:
-        """x [R, T, in], row_slots [R] → LoRA delta [R, T, out], or None when no row has weights here."""
+    def delta(self, x: torch.Tensor, row_slots: torch.Tensor, blocks: torch.Tensor | None = None) -> torch.Tensor | None:
+        """x [R, T, in], row_slots [R] → LoRA delta [R, T, out], or None when no row has weights here.
+
+        ``blocks`` [G] (optional) says the rows are G equal contiguous blocks with slots ``blocks``; the
+        factors are then gathered once per block instead of once per row (training's layout).
+        """
+        if blocks is not None:
+            if not bool(self.present[blocks].all()):
+                blocks = None
+            else:
+                g = blocks.shape[0]
+                a = self.lora_A[blocks].to(x.dtype)  # [G, r, in]
+                b = (self.lora_B[blocks] * self.scaling[blocks, None, None]).to(x.dtype)  # [G, out, r]
+                xg = x.reshape(g, -1, x.shape[-1])  # [G, (R/G)·T, in]
+                out = torch.bmm(torch.bmm(xg, a.transpose(1, 2)), b.transpose(1, 2))
+                return out.reshape(*x.shape[:-1], out.shape[-1])
         safe = row_slots.clamp_min(0)
         live = self.present[safe] & (row_slots >= 0)
         if not bool(live.any()):
             return None
+        scale = self.scaling[safe] * live  # [R]
         a = self.lora_A[safe].to(x.dtype)  # [R, r, in]
-        b = self.lora_B[safe].to(x.dtype)  # [R, out, r]
-        scale = (self.scaling[safe] * live).to(x.dtype)  # [R]
-        hidden = torch.bmm(x, a.transpose(1, 2))  # [R, T, r]
-        return torch.bmm(hidden, b.transpose(1, 2)) * scale[:, None, None]
+        b = (self.lora_B[safe] * scale[:, None, None]).to(x.dtype)  # [R, out, r]
+        return torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
 
 
 class MultiLora(nn.Module):
@@ -98,6 +111,7 @@ class MultiLora(nn.Module):
         self.num_slots = num_slots
         self.factors = nn.ModuleDict()
         self._row_slots: torch.Tensor | None = None
+        self._blocks: torch.Tensor | None = None
         self._handles = []
         layers = decoder_layers(model)
         for layer in layout.layers:
@@ -106,14 +120,14 @@ class MultiLora(nn.Module):
             for name in layout.target_modules:
                 base = getattr(getattr(layers[layer], _parent_name(name)), name)
                 factors = SlotFactors(base, num_slots, layout.rank)
-                self.factors[f"{layer}.{name}"] = factors
+                self.factors[f"{layer}_{name}"] = factors
                 self._handles.append(base.register_forward_hook(self._hook(factors)))
 
     def _hook(self, factors: SlotFactors):  # noqa: ANN202 - torch hook signature
         def add_delta(_module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
             if self._row_slots is None:
                 return output
-            delta = factors.delta(inputs[0], self._row_slots)
+            delta = factors.delta(inputs[0], self._row_slots, self._blocks)
             return output if delta is None else output + delta
 
         return add_delta
@@ -127,11 +141,12 @@ class MultiLora(nn.Module):
     @contextmanager
     def rows(self, row_slots: torch.Tensor | None) -> Iterator[None]:
         """Apply slot ``row_slots[i]`` ([R] long, -1 = base model) to row i of forwards inside the block."""
-        previous, self._row_slots = self._row_slots, row_slots
+        previous = self._row_slots, self._blocks
+        self._row_slots, self._blocks = row_slots, _equal_blocks(row_slots)
         try:
             yield
         finally:
-            self._row_slots = previous
+            self._row_slots, self._blocks = previous
 
     def slot_parameters(self, slot: int) -> list[torch.Tensor]:
         """Views of one slot's A and B factors (for the L2 prior term)."""
@@ -164,7 +179,7 @@ class MultiLora(nn.Module):
         out: dict[str, torch.Tensor] = {}
         rank = self.layout.rank
         for key, factors in self.factors.items():
-            layer, name = key.split(".")
+            layer, name = key.split("_", 1)
             prefix = f"base_model.model.model.layers.{layer}.{_parent_name(name)}.{name}"
             out[f"{prefix}.lora_A.weight"] = factors.lora_A[slot, :rank].detach().clone().contiguous()
             out[f"{prefix}.lora_B.weight"] = factors.lora_B[slot, :, :rank].detach().clone().contiguous()
@@ -181,13 +196,25 @@ class MultiLora(nn.Module):
                 match = _PEFT_KEY.match(key)
                 assert match is not None
                 layer, _, name, which = match.groups()
-                factors = self.factors[f"{layer}.{name}"]
+                factors = self.factors[f"{layer}_{name}"]
                 if which == "A":
                     factors.lora_A[slot, : tensor.shape[0]].copy_(tensor)
                 else:
                     factors.lora_B[slot, :, : tensor.shape[1]].copy_(tensor)
                 factors.scaling[slot] = scaling
                 factors.present[slot] = True
+
+
+def _equal_blocks(row_slots: torch.Tensor | None) -> torch.Tensor | None:
+    """Slots [G] if ``row_slots`` is G ≥ 2 equal contiguous runs of distinct non-negative slots, else None."""
+    if row_slots is None or row_slots.numel() < 2:
+        return None
+    slots, counts = torch.unique_consecutive(row_slots, return_counts=True)
+    if slots.numel() < 2 or bool((slots < 0).any()) or bool((counts != counts[0]).any()):
+        return None
+    if torch.unique(slots).numel() != slots.numel():
+        return None
+    return slots
 
 
 def check_peft_tensors(tensors: dict[str, torch.Tensor], multilora: MultiLora) -> list[str]:
@@ -199,7 +226,8 @@ def check_peft_tensors(tensors: dict[str, torch.Tensor], multilora: MultiLora) -
             problems.append(f"unexpected tensor {key!r}")
             continue
         layer, _, name, which = match.groups()
-        factors = multilora.factors[f"{layer}.{name}"] if f"{layer}.{name}" in multilora.factors else None
+        key_ = f"{layer}_{name}"
+        factors = multilora.factors[key_] if key_ in multilora.factors else None
         if factors is None:
             problems.append(f"{key}: layer {layer} {name} is not adapted in this engine's layout")
             continue

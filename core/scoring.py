@@ -72,29 +72,37 @@ class ChoiceScorer:
         rows = self.run_layers(rows, batch, start, self.num_layers, row_question)
         return self.head(rows, batch, row_question)
 
-    def head(self, hidden: torch.Tensor, batch: PackedBatch, row_question: torch.Tensor) -> torch.Tensor:
-        """Final norm + LM head at the scored positions only. hidden [R, T, D] → choice scores [R, K]."""
-        pos = batch.score_pos[row_question]  # [R, K, L]
-        tgt = batch.score_tgt[row_question]
-        r, k, ell = pos.shape
-        gathered = torch.gather(hidden, 1, pos.reshape(r, k * ell, 1).expand(-1, -1, hidden.shape[-1]))
-        normed = self.model.model.norm(gathered)  # [R, K*L, D]
-        weight = self.model.lm_head.weight  # [V, D]
-        if batch.answer_format == AnswerFormat.LETTER:
-            logits = (normed * weight[tgt.reshape(r, k * ell)]).sum(-1)  # [R, K] (L = 1)
-            token_scores = logits.reshape(r, k, ell)
+    def head(self, hidden: torch.Tensor, batch: PackedBatch, row_question: torch.Tensor | None = None) -> torch.Tensor:
+        """Final norm + LM head at the scored positions only → choice scores.
+
+        With ``row_question`` [R] (one question per packed row): hidden row i holds question
+        ``row_question[i]``; returns [R, K]. Without it: hidden [B, T, D] are the packed rows themselves
+        and the result is [Q, K] for all Q packed questions (rows holding several questions).
+        """
+        if row_question is None:
+            questions, source_rows = torch.arange(batch.num_questions, device=hidden.device), batch.question_row
         else:
-            mask = batch.score_mask[row_question].reshape(r, k * ell)
-            token_scores = torch.zeros(r, k * ell, dtype=normed.dtype, device=normed.device)
-            flat_h = normed[mask]  # [N, D], real (choice, token) pairs only
-            flat_t = tgt.reshape(r, k * ell)[mask]
-            logprobs = []
-            for lo in range(0, flat_h.shape[0], 512):
-                chunk = torch.log_softmax((flat_h[lo : lo + 512] @ weight.T).float(), dim=-1)
-                logprobs.append(chunk.gather(1, flat_t[lo : lo + 512, None])[:, 0])
-            token_scores = token_scores.masked_scatter(mask, torch.cat(logprobs).to(normed.dtype))
-            token_scores = token_scores.reshape(r, k, ell)
-        return choice_scores(token_scores.float(), batch, row_question)
+            questions, source_rows = row_question, torch.arange(hidden.shape[0], device=hidden.device)
+        pos = batch.score_pos[questions]  # [N, K, L]
+        tgt = batch.score_tgt[questions]
+        score_mask = batch.score_mask[questions]
+        n, k, ell = pos.shape
+        flat_index = (source_rows[:, None] * hidden.shape[1] + pos.reshape(n, k * ell)).reshape(-1)
+        normed = self.model.model.norm(hidden.reshape(-1, hidden.shape[-1])[flat_index])  # [N·K·L, D]
+        weight = self.model.lm_head.weight  # [V, D]
+        targets = tgt.reshape(-1)
+        if batch.answer_format == AnswerFormat.LETTER:
+            token_scores = (normed * weight[targets]).sum(-1).float()
+        else:
+            mask = score_mask.reshape(-1)
+            real_h, real_t = normed[mask], targets[mask]  # real (choice, token) pairs only
+            parts = []
+            for lo in range(0, real_h.shape[0], 512):
+                logp = torch.log_softmax((real_h[lo : lo + 512] @ weight.T).float(), dim=-1)
+                parts.append(logp.gather(1, real_t[lo : lo + 512, None])[:, 0])
+            token_scores = torch.zeros(mask.shape[0], dtype=torch.float32, device=hidden.device)
+            token_scores = token_scores.masked_scatter(mask, torch.cat(parts))
+        return choice_scores(token_scores.reshape(n, k, ell), score_mask, batch.choice_mask[questions])
 
     def scores(self, batch: PackedBatch, row_question: torch.Tensor | None = None, split: int = 0) -> torch.Tensor:
         """Full forward: choice scores [R, K] (rows default to one per question)."""

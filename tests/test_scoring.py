@@ -45,3 +45,17 @@ def test_trunk_split_equals_full_forward(tiny_base, tiny_questions, split) -> No
         rows = torch.tensor([0, 0, 1, 2, 3, 3])
         fanned = scorer.upper(scorer.trunk(batch, split), batch, split, rows)
     torch.testing.assert_close(fanned, full[rows])
+
+
+@pytest.mark.parametrize("fmt", list(AnswerFormat))
+def test_several_questions_per_row_match_one_per_row(tiny_base, tiny_questions, fmt) -> None:  # noqa: ANN001
+    from core.answers import encode_question, pack_rows
+
+    scorer = ChoiceScorer(tiny_base.model, tiny_base.tokenizer, fmt)
+    encoded = [encode_question(tiny_base.tokenizer, q, fmt, 512) for q in tiny_questions]
+    packed = pack_rows([[encoded[2], encoded[0]], [encoded[3], encoded[1]]], fmt)
+    with torch.no_grad():
+        one_per_row = scorer.scores(scorer.pack(tiny_questions))
+        hidden = scorer.run_layers(tiny_base.model.model.embed_tokens(packed.input_ids), packed, 0, scorer.num_layers)
+        several = scorer.head(hidden, packed)
+    torch.testing.assert_close(several, one_per_row[[2, 0, 3, 1]], atol=1e-5, rtol=1e-5)

@@ -1,0 +1,171 @@
+"""LoRA ensembles (Balabanov & Linander 2024): M members trained together, each its own seed and data order.
+
+All M members live in the slots of one :class:`~core.multilora.MultiLora`, so one forward trains them
+all: a step stacks one mini-batch per member (rows of member m use slot m) on top of the cached trunk.
+Member m minimizes its own negative log posterior per example
+
+    L_m = mean_i −log softmax(s_m(x_i))[y_i]  +  λ / (2 N) · ‖θ_m‖²
+
+(the NLL over the K-choice distribution plus the Gaussian prior N(0, λ⁻¹ I) on the LoRA weights θ_m,
+scaled by the N training examples). Parameters of different members are disjoint slices and AdamW is
+element-wise, so summing the M losses trains M independent models. M = 1 is the MAP LoRA baseline.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from tqdm.auto import tqdm
+
+from core.answers import DEFAULT_ANSWER_FORMAT, AnswerFormat, Question
+from core.multilora import ALL_MODULES, LoraLayout, MultiLora
+from core.scoring import ChoiceScorer
+from training.trunk import TrunkCache
+
+
+class EnsembleConfig(BaseModel):
+    """Resolved training configuration; saved verbatim in the bundle manifest."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str = "arc_easy"
+    base_model: str = "smollm2-135m"
+    answer_format: AnswerFormat = DEFAULT_ANSWER_FORMAT
+    members: int = 5
+    rank: int = 16
+    alpha: float = 32.0
+    target_modules: tuple[str, ...] = ALL_MODULES
+    top_layers: int = 8  # LoRA on the top k layers (shared trunk below); 0 = every layer (full depth)
+    epochs: float = 1.0
+    batch_size: int = 8
+    lr: float = 5e-4
+    prior_precision: float = 2.0  # λ; the seeds' λ/2 = 1
+    seed: int = 0
+    train_limit: int | None = None
+    val_limit: int | None = None
+    early_stopping: bool = False
+    eval_every: int = 0  # steps between validation checks when early stopping (0 = once per epoch)
+    max_tokens: int = 768
+    row_tokens: int = 256  # training packs several questions per row up to this many tokens
+    dtype: str = "bfloat16"  # compute dtype of the frozen base during training (LoRA weights stay fp32)
+    threads: int = 0  # torch threads (0 = leave torch's default)
+
+    def layout(self, num_layers: int) -> LoraLayout:
+        k = num_layers if self.top_layers <= 0 else min(self.top_layers, num_layers)
+        return LoraLayout(tuple(self.target_modules), tuple(range(num_layers - k, num_layers)), self.rank, self.alpha)
+
+
+def member_scores(scorer: ChoiceScorer, multilora: MultiLora | None, slots: Sequence[int], cache: TrunkCache,
+                  batch_size: int = 16, desc: str = "score") -> torch.Tensor:
+    """Choice scores of every member on every cached question: [N, M, K_max] (-inf for absent choices)."""
+    n, m = len(cache), len(slots)
+    k_max = max(len(q.choices) for q in cache.questions)
+    out = torch.full((n, m, k_max), float("-inf"))
+    slot_tensor = torch.tensor(list(slots), device=scorer.device)
+    with torch.no_grad():
+        for lo in tqdm(range(0, n, batch_size), desc=desc, unit="batch", leave=False):
+            idx = list(range(lo, min(lo + batch_size, n)))
+            hidden, packed, _, row_group = cache.packed_batch([idx] * m)
+            rows = hidden
+            if multilora is None:
+                rows = scorer.run_layers(rows, packed, cache.split, scorer.num_layers)
+            else:
+                with multilora.rows(slot_tensor[row_group]):
+                    rows = scorer.run_layers(rows, packed, cache.split, scorer.num_layers)
+            scores = scorer.head(rows, packed).float().cpu()  # [M·b, K], member-major
+            scores = scores.reshape(m, len(idx), -1).transpose(0, 1)
+            out[lo : lo + len(idx), :, : scores.shape[-1]] = scores
+    return out
+
+
+def nll_of_scores(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-member mean NLL. scores [N, M, K], labels [N] → [M]."""
+    logp = torch.log_softmax(scores, dim=-1)
+    return -logp.gather(-1, labels[:, None, None].expand(-1, scores.shape[1], 1))[..., 0].mean(0)
+
+
+def train_ensemble(scorer: ChoiceScorer, config: EnsembleConfig, train: Sequence[Question],
+                   val: Sequence[Question], log: Any = print) -> tuple[MultiLora, dict[str, Any]]:
+    """Train ``config.members`` LoRA members; returns the MultiLora (slot m = member m) and a training log."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    layout = config.layout(scorer.num_layers)
+    split = layout.first_layer
+    multilora = MultiLora(scorer.model, layout, num_slots=config.members).to(scorer.device)
+    for m in range(config.members):
+        multilora.init_for_training(m, torch.Generator().manual_seed(config.seed * 1000 + m))
+    params = [p for f in multilora.factors.values() for p in (f.lora_A, f.lora_B)]
+    for p in params:
+        p.requires_grad_(True)
+    t0 = time.perf_counter()
+    train_cache = TrunkCache(scorer, train, split, desc="trunk(train)")
+    val_cache = TrunkCache(scorer, val, split, desc="trunk(val)")
+    log(f"[train] trunk cache: {len(train)} train + {len(val)} val questions through layers 0..{split - 1} "
+        f"in {time.perf_counter() - t0:.1f} s")
+    n = len(train_cache)
+    steps_per_epoch = math.ceil(n / config.batch_size)
+    total_steps = max(1, round(config.epochs * steps_per_epoch))
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / max(1, total_steps // 20)) * max(0.0, 1 - s / total_steps) + 1e-3)
+    def order(member: int, epoch: int) -> torch.Tensor:
+        """Member m's data order in a given epoch: its own seeded permutation."""
+        seed = (config.seed * 1_000_003 + member) * 9973 + epoch
+        return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+
+    orders: dict[tuple[int, int], torch.Tensor] = {}
+    history: list[dict[str, float]] = []
+    best_nll = torch.full((config.members,), float("inf"))
+    best_state = copy.deepcopy(multilora.state_dict()) if config.early_stopping else None
+    eval_every = config.eval_every or steps_per_epoch
+    labels_val = torch.tensor([q.answer for q in val])
+    bar = tqdm(range(total_steps), desc=f"train {config.members} member(s)", unit="step")
+    for step in bar:
+        groups: list[list[int]] = []
+        for m in range(config.members):
+            group = []
+            for j in range(config.batch_size):
+                epoch, pos = divmod(step * config.batch_size + j, n)
+                if (m, epoch) not in orders:
+                    orders[(m, epoch)] = order(m, epoch)
+                group.append(int(orders[(m, epoch)][pos]))
+            groups.append(group)
+        hidden, packed, labels, row_group = train_cache.packed_batch(groups, config.row_tokens)
+        with multilora.rows(row_group):
+            hidden = scorer.run_layers(hidden, packed, split, scorer.num_layers)
+        scores = scorer.head(hidden, packed)  # [M·bs, K], member-major
+        nll = torch.nn.functional.cross_entropy(scores, labels, reduction="none")
+        nll_per_member = nll.reshape(config.members, config.batch_size).mean(1)
+        prior = torch.stack([sum(p.pow(2).sum() for p in multilora.slot_parameters(m))  # type: ignore[misc]
+                             for m in range(config.members)])
+        loss = (nll_per_member + config.prior_precision / (2 * n) * prior).sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        bar.set_postfix(nll=f"{nll_per_member.mean().item():.3f}")
+        if config.early_stopping and ((step + 1) % eval_every == 0 or step + 1 == total_steps):
+            val_nll = nll_of_scores(member_scores(scorer, multilora, range(config.members), val_cache), labels_val)
+            history.append({"step": step + 1, **{f"val_nll_{m}": float(v) for m, v in enumerate(val_nll)}})
+            improved = val_nll < best_nll
+            best_nll = torch.where(improved, val_nll, best_nll)
+            assert best_state is not None
+            current = multilora.state_dict()
+            for key, value in current.items():  # keep each member's best slot
+                if value.ndim and value.shape[0] == config.members:
+                    best_state[key][improved] = value[improved].detach().clone()
+            log(f"[train] step {step + 1}: val NLL per member {[round(float(v), 4) for v in val_nll]}")
+    if best_state is not None:
+        multilora.load_state_dict(best_state)
+    for p in params:
+        p.requires_grad_(False)
+    seconds = time.perf_counter() - t0
+    log(f"[train] {total_steps} steps × {config.members} member(s) in {seconds:.0f} s")
+    return multilora, {"steps": total_steps, "seconds": round(seconds, 1), "history": history,
+                       "train_cache": train_cache, "val_cache": val_cache}
