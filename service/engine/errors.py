@@ -78,6 +78,10 @@ class DuplicateFeedbackError(EngineError):
 
     code = "duplicate"
 
+    def __init__(self, message: str, *, bundle: str, param: str | None = None) -> None:
+        super().__init__(message, param=param)
+        self.bundle = bundle
+
 
 class EngineUnavailableError(EngineError):
     """The engine is starting up or draining for shutdown."""

@@ -89,7 +89,8 @@ class Monitor:
             raise FeedbackNotFoundError(f"no answered request {request_id!r} is held (unknown or evicted)",
                                         param="request_id")
         if record.labelled:
-            raise DuplicateFeedbackError(f"request {request_id!r} already has a label", param="request_id")
+            raise DuplicateFeedbackError(f"request {request_id!r} already has a label", bundle=record.bundle,
+                                         param="request_id")
         if not 0 <= correct_index < len(record.probabilities):
             last = len(record.probabilities) - 1
             raise InvalidInputError(f"correct_index {correct_index} outside 0..{last}", param="correct_index")
@@ -98,10 +99,6 @@ class Monitor:
         if window is not None and window.generation == record.generation:
             window.labelled.append((record.probabilities, correct_index))
         return FeedbackOutcome(request_id=request_id, bundle=record.bundle, result="joined")
-
-    def bundle_of(self, request_id: str) -> str | None:
-        record = self._records.get(request_id)
-        return None if record is None else record.bundle
 
     def window_stats(self, name: str) -> WindowStats | None:
         window = self._windows.get(name)

@@ -1,0 +1,80 @@
+"""The app factory: ``create_app(settings, engine=None)``. There is no module-level app.
+
+Without an injected engine the lifespan loads the base model once, builds the multi-LoRA engine and
+preloads ``settings.preload_bundles`` (a bundle that fails to load is logged and counted; the server
+still starts and serves the rest). On shutdown the engine drains every queued request before stopping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+
+from service.engine.base import Engine
+from service.engine.errors import EngineError
+from service.errors import install_error_handlers
+from service.metrics import LatencyMiddleware, ServiceMetrics, load_failure_reason
+from service.routes import router
+from service.settings import Settings
+
+log = logging.getLogger("uqserve")
+VERSION = "0.1.0"
+
+
+def curl_example(settings: Settings, bundle: str | None) -> str:
+    host = "localhost" if settings.host in ("0.0.0.0", "::") else settings.host
+    body = ('{"bundle": "%s", "question": "Which gas do plants take in from the air?", '
+            '"choices": ["oxygen", "carbon dioxide", "helium", "nitrogen"]}') % (bundle or "default")
+    return f"curl -s http://{host}:{settings.port}/v1/answer -H 'Content-Type: application/json' -d '{body}'"
+
+
+async def preload(engine: Engine, settings: Settings, metrics: ServiceMetrics) -> None:
+    for name in settings.preload_bundles:
+        try:
+            await engine.load_bundle(name)
+            metrics.bundle_loads.labels(name).inc()
+        except EngineError as err:
+            metrics.bundle_load_failures.labels(load_failure_reason(err)).inc()
+            log.error("bundle %r was not loaded: %s", name, err)
+
+
+def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
+    """Build the HTTP app; pass ``engine`` to serve a prebuilt (or fake) engine instead of loading one."""
+    settings = settings or Settings()
+    metrics = ServiceMetrics(CollectorRegistry(auto_describe=True))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        served = engine
+        if served is None:
+            from service.engine.engine import UQEngine  # torch and transformers load only when serving
+
+            served = await asyncio.to_thread(UQEngine.from_settings, settings)
+        served.set_observer(metrics)
+        metrics.attach(served)
+        await served.start()
+        app.state.engine = served
+        await preload(served, settings, metrics)
+        loaded = [s.name for s in served.bundles()]
+        log.info("uqserve ready with bundles %s; try:\n  %s", loaded or "none", curl_example(
+            settings, loaded[0] if loaded else None))
+        try:
+            yield
+        finally:
+            log.info("draining in-flight requests")
+            await served.stop()
+
+    app = FastAPI(title="uqserve", version=VERSION, lifespan=lifespan,
+                  description="Calibrated multiple-choice answers with uncertainty from LoRA ensembles "
+                              "(multi-LoRA batched serving, abstention, calibration-drift metrics).")
+    app.state.settings = settings
+    app.state.metrics = metrics
+    install_error_handlers(app)
+    app.add_middleware(LatencyMiddleware, metrics=metrics)
+    app.include_router(router)
+    return app

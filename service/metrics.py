@@ -1,0 +1,168 @@
+"""Prometheus metrics on an app-owned registry (names ``uqserve_*``, base units, bounded labels).
+
+Counters and histograms are updated as requests happen; gauges that describe engine state (queue
+depth, loaded bundles, feedback-window calibration, label-free drift) are computed at scrape time by
+:class:`EngineCollector`, so a bundle's series disappear when it is unloaded. ``bundle`` labels only
+ever hold loaded bundle names (``_unknown`` for requests naming a bundle that is not loaded).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from service.engine import errors as engine_errors
+from service.engine.base import Engine
+from service.engine.types import AnswerResult, EngineObserver
+
+UNKNOWN_BUNDLE = "_unknown"  # cannot collide: bundle names start with a letter or digit
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+WAIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+ENTROPY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2, 1.4, 1.6, 2.0, 2.5, 3.3)
+MI_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0)
+PROB_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+
+
+def load_failure_reason(err: BaseException) -> str:
+    """Bounded label value for uqserve_bundle_load_failures_total."""
+    if isinstance(err, engine_errors.BundleRefusedError):
+        return err.reason
+    if isinstance(err, engine_errors.BundleNotFoundError):
+        return "not_found"
+    if isinstance(err, engine_errors.CapacityError):
+        return "capacity"
+    return "error"
+
+
+class ServiceMetrics(EngineObserver):
+    """Every uqserve metric, registered on ``registry``; also the engine's batching observer."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        r = registry
+        self.request_latency = Histogram("uqserve_request_latency_seconds", "HTTP latency by endpoint",
+                                         ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_wait = Histogram("uqserve_queue_wait_seconds", "Time a question waited for its forward",
+                                    buckets=WAIT_BUCKETS, registry=r)
+        self.batch_rows = Histogram("uqserve_batch_rows", "Rows (question × member) per shared forward",
+                                    buckets=ROW_BUCKETS, registry=r)
+        self.requests = Counter("uqserve_requests_total", "Answered questions by outcome",
+                                ["bundle", "outcome"], registry=r)
+        self.abstentions = Counter("uqserve_abstentions_total", "Abstentions by tripped threshold",
+                                   ["bundle", "reason"], registry=r)
+        self.entropy = Histogram("uqserve_predictive_entropy_nats", "Predictive entropy of answers",
+                                 ["bundle"], buckets=ENTROPY_BUCKETS, registry=r)
+        self.mutual_information = Histogram("uqserve_mutual_information_nats", "Mutual information (nats)",
+                                            ["bundle"], buckets=MI_BUCKETS, registry=r)
+        self.max_probability = Histogram("uqserve_max_probability", "Max choice probability of answers",
+                                         ["bundle"], buckets=PROB_BUCKETS, registry=r)
+        self.bundle_loads = Counter("uqserve_bundle_loads_total", "Bundle loads and replacements",
+                                    ["bundle"], registry=r)
+        self.bundle_unloads = Counter("uqserve_bundle_unloads_total", "Bundle unloads", ["bundle"],
+                                      registry=r)
+        self.bundle_load_failures = Counter("uqserve_bundle_load_failures_total", "Refused bundle loads",
+                                            ["reason"], registry=r)
+        self.feedback = Counter("uqserve_feedback_total", "Feedback submissions by result",
+                                ["bundle", "result"], registry=r)
+        self.labelled = Counter("uqserve_labelled_total", "Answers that received a label", ["bundle"],
+                                registry=r)
+
+    # engine observer
+    def batch_done(self, rows: int, queue_waits_s: list[float]) -> None:
+        self.batch_rows.observe(rows)
+        for wait in queue_waits_s:
+            self.queue_wait.observe(wait)
+
+    def answered(self, results: Iterable[AnswerResult]) -> None:
+        for result in results:
+            bundle = result.bundle.name
+            self.requests.labels(bundle, "abstained" if result.abstained else "answered").inc()
+            for reason in result.abstain_reasons:
+                self.abstentions.labels(bundle, reason).inc()
+            self.entropy.labels(bundle).observe(result.predictive_entropy)
+            if result.mutual_information is not None:
+                self.mutual_information.labels(bundle).observe(result.mutual_information)
+            self.max_probability.labels(bundle).observe(result.max_probability)
+
+    def failed(self, bundle: str, err: BaseException, questions: int = 1) -> None:
+        label = UNKNOWN_BUNDLE if isinstance(err, engine_errors.BundleNotFoundError) else bundle
+        self.requests.labels(label, "error").inc(questions)
+
+    def attach(self, engine: Engine) -> None:
+        """Expose the engine's scrape-time gauges (idempotent per registry)."""
+        if not getattr(self, "_attached", False):
+            self.registry.register(EngineCollector(lambda: engine))
+            self._attached = True
+
+
+class EngineCollector(Collector):
+    """Scrape-time gauges read from the engine."""
+
+    def __init__(self, engine: Callable[[], Engine]) -> None:
+        self._engine = engine
+
+    def collect(self) -> Iterable[Metric]:
+        engine = self._engine()
+        monitors = engine.monitor()
+        yield _gauge("uqserve_queue_depth_rows", "Rows waiting for a forward", [],
+                     [([], engine.queue_depth_rows)])
+        yield _gauge("uqserve_bundles_loaded", "Loaded bundles", [], [([], len(engine.bundles()))])
+        window: dict[str, list[tuple[list[str], float]]] = {k: [] for k in
+                                                              ("labelled", "accuracy", "ece", "brier", "nll")}
+        validation: list[tuple[list[str], float]] = []
+        ks: list[tuple[list[str], float]] = []
+        psi: list[tuple[list[str], float]] = []
+        for m in monitors:
+            if m.validation_ece is not None:
+                validation.append(([m.bundle], m.validation_ece))
+            if m.window is not None:
+                for key in window:
+                    window[key].append(([m.bundle], float(getattr(m.window, key))))
+            ks.extend(([m.bundle, score], value) for score, value in m.drift_ks.items())
+            psi.extend(([m.bundle, score], value) for score, value in m.drift_psi.items())
+        helps = {"labelled": "Labelled answers in the feedback window", "accuracy": "Window accuracy",
+                 "ece": "Window expected calibration error (15 bins)",
+                 "brier": "Window multi-class Brier score", "nll": "Window negative log-likelihood (nats)"}
+        for key, samples in window.items():
+            yield _gauge(f"uqserve_window_{key}", helps[key], ["bundle"], samples)
+        yield _gauge("uqserve_validation_ece", "ECE on validation data, from the bundle manifest", ["bundle"],
+                     validation)
+        yield _gauge("uqserve_drift_ks", "KS statistic of live scores vs the bundle's reference histogram",
+                     ["bundle", "score"], ks)
+        yield _gauge("uqserve_drift_psi", "PSI of live scores vs the bundle's reference histogram",
+                     ["bundle", "score"], psi)
+
+
+def _gauge(name: str, documentation: str, labels: list[str], samples: list[tuple[list[str], Any]]) -> Metric:
+    family = GaugeMetricFamily(name, documentation, labels=labels)
+    for values, value in samples:
+        if value is not None and math.isfinite(float(value)):
+            family.add_metric(values, float(value))
+    return family
+
+
+class LatencyMiddleware:
+    """Pure ASGI middleware observing uqserve_request_latency_seconds by route template."""
+
+    def __init__(self, app: Any, metrics: ServiceMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "other"
+            self.metrics.request_latency.labels(endpoint).observe(time.perf_counter() - start)

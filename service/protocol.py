@@ -1,0 +1,249 @@
+"""Every wire model of the HTTP API (pydantic), and the conversions to and from engine values.
+
+Static limits (2..26 choices, bundle-name pattern, threshold ranges) live on the models; limits that
+come from settings (text lengths, batch size) are checked by :func:`check_limits`, which raises
+:class:`InvalidRequestError` (rendered as 422 with the same error schema as validation errors).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic.functional_serializers import SerializerFunctionWrapHandler
+
+from core.answers import LETTERS, MAX_CHOICES, MIN_CHOICES, Question
+from core.bundle import NAME_PATTERN
+from core.errors import InvalidQuestionError
+from service.engine.types import AnswerOptions, AnswerResult, BundleStatus
+from service.settings import Settings
+
+BundleName = Annotated[str, Field(pattern=NAME_PATTERN.pattern, max_length=64, examples=["default"])]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- errors ---------------------------------------------------------------------------------------------
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str  # invalid_request_error | not_found_error | conflict_error | rate_limit_error | ...
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """The one error body of every 4xx/5xx response."""
+
+    error: ErrorInfo
+
+
+class InvalidRequestError(ValueError):
+    """A request the models accept but the server refuses: over a configured limit, blank text (422)."""
+
+    def __init__(self, message: str, param: str | None, code: str = "limit_exceeded") -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+# --- answering ------------------------------------------------------------------------------------------
+
+
+class ThresholdsIn(_Request):
+    """Abstain when a score exceeds its threshold; omitted fields fall back to the bundle, then the server."""
+
+    predictive_entropy: float | None = Field(default=None, ge=0)
+    mutual_information: float | None = Field(default=None, ge=0)
+    one_minus_max_probability: float | None = Field(default=None, ge=0, le=1)
+
+
+class QuestionIn(_Request):
+    question: str = Field(min_length=1, examples=["Which gas do plants take in from the air?"])
+    choices: list[str] = Field(min_length=MIN_CHOICES, max_length=MAX_CHOICES,
+                               examples=[["oxygen", "carbon dioxide", "helium"]])
+    context: str | None = None
+
+    def to_question(self, param: str = "") -> Question:
+        try:
+            return Question(question=self.question, choices=tuple(self.choices), context=self.context)
+        except InvalidQuestionError as err:
+            raise InvalidRequestError(str(err), param or None, code="invalid_question") from None
+
+
+class AnswerRequest(QuestionIn):
+    bundle: BundleName
+    thresholds: ThresholdsIn | None = None
+    return_members: bool = False
+
+    def options(self) -> AnswerOptions:
+        return _options(self.thresholds, self.return_members)
+
+
+class BatchAnswerRequest(_Request):
+    bundle: BundleName
+    questions: list[QuestionIn] = Field(min_length=1)
+    thresholds: ThresholdsIn | None = None
+    return_members: bool = False
+
+    def options(self) -> AnswerOptions:
+        return _options(self.thresholds, self.return_members)
+
+
+def _options(thresholds: ThresholdsIn | None, return_members: bool) -> AnswerOptions:
+    given = {} if thresholds is None else thresholds.model_dump(exclude_none=True)
+    return AnswerOptions(thresholds=given, return_members=return_members)
+
+
+def check_limits(questions: list[QuestionIn], settings: Settings, prefix: str = "") -> None:
+    """Raise InvalidRequestError for the first text longer than its configured limit."""
+    if prefix and len(questions) > settings.max_batch_questions:
+        raise InvalidRequestError(f"at most {settings.max_batch_questions} questions per batch, "
+                                f"got {len(questions)}", "questions")
+    for i, q in enumerate(questions):
+        where = f"{prefix}{i}." if prefix else ""
+        if len(q.question) > settings.max_question_chars:
+            raise InvalidRequestError(f"question longer than {settings.max_question_chars} characters",
+                                    f"{where}question")
+        if q.context is not None and len(q.context) > settings.max_context_chars:
+            raise InvalidRequestError(f"context longer than {settings.max_context_chars} characters",
+                                    f"{where}context")
+        for j, choice in enumerate(q.choices):
+            if len(choice) > settings.max_choice_chars:
+                raise InvalidRequestError(f"choice longer than {settings.max_choice_chars} characters",
+                                        f"{where}choices.{j}")
+
+
+class AnswerChoice(BaseModel):
+    index: int
+    label: str  # "A", "B", …
+    text: str
+
+
+class BundleRefOut(BaseModel):
+    name: str
+    version: str
+    method: str
+    base_model_hash: str
+    calibration_hash: str
+
+
+class ThresholdsUsedOut(BaseModel):
+    predictive_entropy: float | None
+    mutual_information: float | None
+    one_minus_max_probability: float | None
+    sources: dict[str, str]  # score → "request" | "bundle" | "settings" | "none"
+
+
+class TimingsOut(BaseModel):
+    queue_ms: float
+    forward_ms: float
+    total_ms: float
+    batch_rows: int
+
+
+class AnswerResponse(BaseModel):
+    """The answer distribution with its uncertainty; ``members`` only when ``return_members`` was set."""
+
+    answer: AnswerChoice | None  # null only when abstaining; the argmax is always in probabilities
+    abstained: bool
+    abstain_reasons: list[str]
+    probabilities: list[float]  # [K], sums to 1
+    predictive_entropy: float  # nats
+    expected_entropy: float | None  # nats (aleatoric)
+    mutual_information: float | None  # nats (epistemic); null when the method cannot separate it
+    max_probability: float
+    members: list[list[float]] | None = None  # [M][K]
+    thresholds_used: ThresholdsUsedOut
+    bundle: BundleRefOut
+    request_id: str
+    timings: TimingsOut
+    notes: list[str] | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_absent(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        for key in ("members", "notes"):
+            if not data.get(key):
+                data.pop(key, None)
+        return data
+
+    @classmethod
+    def from_result(cls, result: AnswerResult, question: QuestionIn, total_ms: float) -> AnswerResponse:
+        index = result.answer_index
+        answer = None if result.abstained else AnswerChoice(index=index, label=LETTERS[index],
+                                                             text=question.choices[index])
+        used = result.thresholds_used
+        return cls(
+            answer=answer, abstained=result.abstained, abstain_reasons=result.abstain_reasons,
+            probabilities=result.probabilities, predictive_entropy=result.predictive_entropy,
+            expected_entropy=result.expected_entropy, mutual_information=result.mutual_information,
+            max_probability=result.max_probability, members=result.members,
+            thresholds_used=ThresholdsUsedOut(**used.values, sources=used.sources),  # type: ignore[arg-type]
+            bundle=BundleRefOut(**vars(result.bundle)), request_id=result.request_id,
+            timings=TimingsOut(queue_ms=result.timings.queue_ms, forward_ms=result.timings.forward_ms,
+                               total_ms=total_ms, batch_rows=result.timings.batch_rows),
+            notes=result.notes or None)
+
+
+class BatchAnswerResponse(BaseModel):
+    results: list[AnswerResponse]  # in request order
+
+
+# --- bundles, feedback, health --------------------------------------------------------------------------
+
+
+class BundleInfo(BaseModel):
+    name: str
+    version: str
+    method: str
+    members: list[str]
+    answer_format: str
+    base_model_hash: str
+    calibration_hash: str
+    lora_rank: int
+    lora_layers: list[int]
+    slots: list[int]
+    in_flight: int
+    loaded_at: float
+    validation_ece: float | None
+    thresholds: dict[str, float | None]
+
+    @classmethod
+    def from_status(cls, status: BundleStatus) -> BundleInfo:
+        return cls(**vars(status))
+
+
+class BundleList(BaseModel):
+    bundles: list[BundleInfo]
+
+
+class BundleActionResponse(BaseModel):
+    action: str  # "loaded" | "replaced" | "unloaded"
+    bundle: BundleInfo
+    seconds: float
+
+
+class FeedbackRequest(_Request):
+    request_id: str = Field(min_length=1, max_length=64)
+    correct_index: int = Field(ge=0, lt=MAX_CHOICES)
+
+
+class FeedbackResponse(BaseModel):
+    request_id: str
+    bundle: str
+    result: str  # "joined"
+
+
+class HealthResponse(BaseModel):
+    status: str
+
+
+class ReadyResponse(BaseModel):
+    ready: bool
+    bundles_loaded: int
+    queue_depth_rows: int

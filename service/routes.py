@@ -1,0 +1,201 @@
+"""HTTP routes: thin functions that validate, call one engine method, and map the result to the protocol."""
+
+from __future__ import annotations
+
+import hmac
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from core.bundle import NAME_PATTERN
+from service.engine.base import Engine
+from service.engine.errors import (
+    DuplicateFeedbackError,
+    EngineError,
+    EngineUnavailableError,
+    FeedbackNotFoundError,
+)
+from service.errors import AdminAuthError
+from service.metrics import UNKNOWN_BUNDLE, ServiceMetrics, load_failure_reason
+from service.protocol import (
+    AnswerRequest,
+    AnswerResponse,
+    BatchAnswerRequest,
+    BatchAnswerResponse,
+    BundleActionResponse,
+    BundleInfo,
+    BundleList,
+    ErrorResponse,
+    FeedbackRequest,
+    FeedbackResponse,
+    HealthResponse,
+    InvalidRequestError,
+    ReadyResponse,
+    check_limits,
+)
+from service.settings import Settings
+
+
+def get_engine(request: Request) -> Engine:
+    engine: Engine | None = getattr(request.app.state, "engine", None)
+    if engine is None:
+        raise EngineUnavailableError("the engine is still starting")
+    return engine
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings  # type: ignore[no-any-return]
+
+
+def get_metrics(request: Request) -> ServiceMetrics:
+    return request.app.state.metrics  # type: ignore[no-any-return]
+
+
+EngineDep = Annotated[Engine, Depends(get_engine)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+MetricsDep = Annotated[ServiceMetrics, Depends(get_metrics)]
+_bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <UQSERVE_ADMIN_KEY>")
+_header = APIKeyHeader(name="X-Admin-Key", auto_error=False, description="X-Admin-Key: <UQSERVE_ADMIN_KEY>")
+
+
+def require_admin(settings: SettingsDep,
+                  bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+                  header: Annotated[str | None, Depends(_header)]) -> None:
+    if settings.admin_key is None:
+        raise AdminAuthError(403, "admin endpoints are disabled: start the server with UQSERVE_ADMIN_KEY set",
+                             "admin_disabled")
+    given = header or (bearer.credentials if bearer is not None else None)
+    if not given:
+        raise AdminAuthError(401, "admin key required: send 'Authorization: Bearer <key>' or "
+                             "'X-Admin-Key: <key>'", "missing_admin_key")
+    if not hmac.compare_digest(given.encode(), settings.admin_key.get_secret_value().encode()):
+        raise AdminAuthError(403, "wrong admin key", "invalid_admin_key")
+
+
+def _check_name(name: str) -> None:
+    if not NAME_PATTERN.match(name) or ".." in name:
+        raise InvalidRequestError(f"invalid bundle name {name!r}: letters, digits, '_', '-', '.' only, "
+                                  "no '..'", "name", code="invalid_bundle_name")
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, object]]:
+    return {code: {"model": ErrorResponse} for code in codes}
+
+
+router = APIRouter()
+admin = APIRouter(dependencies=[Depends(require_admin)], responses=_errors(401, 403), tags=["admin"])
+
+
+@router.post("/v1/answer", response_model=AnswerResponse, tags=["answers"],
+             responses=_errors(404, 422, 429, 503, 504))
+async def answer(body: AnswerRequest, engine: EngineDep, settings: SettingsDep,
+                 metrics: MetricsDep) -> AnswerResponse:
+    """Answer one multiple-choice question with the bundle's calibrated distribution and its uncertainty."""
+    start = time.perf_counter()
+    check_limits([body], settings)
+    question = body.to_question("question")
+    try:
+        results = await engine.answer(body.bundle, [question], body.options())
+    except EngineError as err:
+        metrics.failed(body.bundle, err)
+        raise
+    metrics.answered(results)
+    return AnswerResponse.from_result(results[0], body, 1000 * (time.perf_counter() - start))
+
+
+@router.post("/v1/answer/batch", response_model=BatchAnswerResponse, tags=["answers"],
+             responses=_errors(404, 422, 429, 503, 504))
+async def answer_batch(body: BatchAnswerRequest, engine: EngineDep, settings: SettingsDep,
+                       metrics: MetricsDep) -> BatchAnswerResponse:
+    """Answer up to ``max_batch_questions`` questions with one bundle; results come back in order."""
+    start = time.perf_counter()
+    check_limits(body.questions, settings, prefix="questions.")
+    questions = [q.to_question(f"questions.{i}") for i, q in enumerate(body.questions)]
+    try:
+        results = await engine.answer(body.bundle, questions, body.options())
+    except EngineError as err:
+        metrics.failed(body.bundle, err, len(questions))
+        raise
+    metrics.answered(results)
+    total_ms = 1000 * (time.perf_counter() - start)
+    return BatchAnswerResponse(results=[AnswerResponse.from_result(r, q, total_ms)
+                                        for r, q in zip(results, body.questions, strict=True)])
+
+
+@router.get("/v1/bundles", response_model=BundleList, tags=["bundles"])
+async def list_bundles(engine: EngineDep) -> BundleList:
+    """Loaded bundles with version, method, lineage hashes, slots and in-flight requests."""
+    return BundleList(bundles=[BundleInfo.from_status(s) for s in engine.bundles()])
+
+
+@admin.post("/v1/bundles/{name}", response_model=BundleActionResponse, responses=_errors(404, 409, 422, 503))
+async def load_bundle(name: str, engine: EngineDep, metrics: MetricsDep) -> BundleActionResponse:
+    """Load a bundle by name from the bundle root, or hot-swap the loaded version (in-flight requests finish
+    on the old version)."""
+    _check_name(name)
+    start = time.perf_counter()
+    replacing = any(s.name == name for s in engine.bundles())
+    try:
+        status = await engine.load_bundle(name)
+    except EngineError as err:
+        metrics.bundle_load_failures.labels(load_failure_reason(err)).inc()
+        raise
+    metrics.bundle_loads.labels(name).inc()
+    return BundleActionResponse(action="replaced" if replacing else "loaded",
+                                bundle=BundleInfo.from_status(status), seconds=time.perf_counter() - start)
+
+
+@admin.delete("/v1/bundles/{name}", response_model=BundleActionResponse, responses=_errors(404, 422))
+async def unload_bundle(name: str, engine: EngineDep, metrics: MetricsDep) -> BundleActionResponse:
+    """Stop serving a bundle; its slots are freed when its in-flight requests finish."""
+    _check_name(name)
+    start = time.perf_counter()
+    status = await engine.unload_bundle(name)
+    metrics.bundle_unloads.labels(name).inc()
+    return BundleActionResponse(action="unloaded", bundle=BundleInfo.from_status(status),
+                                seconds=time.perf_counter() - start)
+
+
+@router.post("/v1/feedback", response_model=FeedbackResponse, tags=["feedback"],
+             responses=_errors(404, 409, 422))
+async def feedback(body: FeedbackRequest, engine: EngineDep, metrics: MetricsDep) -> FeedbackResponse:
+    """Join the correct choice index to an answered request (updates the bundle's calibration window)."""
+    try:
+        outcome = engine.feedback(body.request_id, body.correct_index)
+    except FeedbackNotFoundError:
+        metrics.feedback.labels(UNKNOWN_BUNDLE, "unknown_request").inc()
+        raise
+    except DuplicateFeedbackError as err:
+        metrics.feedback.labels(err.bundle, "duplicate").inc()
+        raise
+    metrics.feedback.labels(outcome.bundle, "joined").inc()
+    metrics.labelled.labels(outcome.bundle).inc()
+    return FeedbackResponse(request_id=outcome.request_id, bundle=outcome.bundle, result=outcome.result)
+
+
+@router.get("/healthz", response_model=HealthResponse, tags=["health"])
+async def healthz() -> HealthResponse:
+    """Liveness: the process serves HTTP."""
+    return HealthResponse(status="ok")
+
+
+@router.get("/readyz", response_model=ReadyResponse, tags=["health"], responses=_errors(503))
+async def readyz(request: Request) -> ReadyResponse:
+    """Readiness: the engine accepts requests (503 while starting or draining)."""
+    engine = get_engine(request)
+    if not engine.ready:
+        raise EngineUnavailableError("not ready: the engine is starting or draining")
+    return ReadyResponse(ready=True, bundles_loaded=len(engine.bundles()),
+                         queue_depth_rows=engine.queue_depth_rows)
+
+
+@router.get("/metrics", tags=["health"], response_class=Response)
+async def metrics_endpoint(metrics: MetricsDep) -> Response:
+    """Prometheus exposition of this app's registry."""
+    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+router.include_router(admin)
