@@ -71,16 +71,18 @@ def member_scores(scorer: ChoiceScorer, multilora: MultiLora | None, slots: Sequ
     with torch.no_grad():
         for lo in tqdm(range(0, n, batch_size), desc=desc, unit="batch", leave=False):
             idx = list(range(lo, min(lo + batch_size, n)))
-            hidden, packed, _, row_group = cache.packed_batch([idx] * m)
+            hidden, packed, order, row_group = cache.packed_batch([idx] * m)
             rows = hidden
             if multilora is None:
                 rows = scorer.run_layers(rows, packed, cache.split, scorer.num_layers)
             else:
                 with multilora.rows(slot_tensor[row_group]):
                     rows = scorer.run_layers(rows, packed, cache.split, scorer.num_layers)
-            scores = scorer.head(rows, packed).float().cpu()  # [M·b, K], member-major
-            scores = scores.reshape(m, len(idx), -1).transpose(0, 1)
-            out[lo : lo + len(idx), :, : scores.shape[-1]] = scores
+            scores = scorer.head(rows, packed).float().cpu()  # [M·b, K], member-major, packed order
+            scores = scores.reshape(m, len(idx), -1)
+            for member in range(m):
+                where = torch.tensor(order[member * len(idx) : (member + 1) * len(idx)])
+                out[where, member, : scores.shape[-1]] = scores[member]
     return out
 
 
@@ -136,7 +138,8 @@ def train_ensemble(scorer: ChoiceScorer, config: EnsembleConfig, train: Sequence
                     orders[(m, epoch)] = order(m, epoch)
                 group.append(int(orders[(m, epoch)][pos]))
             groups.append(group)
-        hidden, packed, labels, row_group = train_cache.packed_batch(groups, config.row_tokens)
+        hidden, packed, order, row_group = train_cache.packed_batch(groups, config.row_tokens)
+        labels = train_cache.labels(order)
         with multilora.rows(row_group):
             hidden = scorer.run_layers(hidden, packed, split, scorer.num_layers)
         scores = scorer.head(hidden, packed)  # [M·bs, K], member-major

@@ -58,13 +58,14 @@ class TrunkCache:
         return hidden, packed, labels
 
     def packed_batch(self, groups: Sequence[Sequence[int]], capacity: int = 256
-                     ) -> tuple[torch.Tensor, PackedBatch, torch.Tensor, torch.Tensor]:
+                     ) -> tuple[torch.Tensor, PackedBatch, list[int], torch.Tensor]:
         """Pack each group's questions into the same number of rows, several questions per row.
 
         Questions of group g (e.g. ensemble member g's mini-batch) are spread over R rows by longest-first
         assignment to the shortest row, R = the most rows any group needs at ``capacity`` tokens per row.
-        Returns hidden [G·R, T, D], the packed batch (Q questions, group-major), labels [Q] and the group of
-        each row [G·R]; rows of group g are contiguous, so LoRA factors are gathered once per group.
+        Returns hidden [G·R, T, D], the packed batch, the cache index of each packed question [Q] (group-major;
+        within a group the order differs from the input) and the group of each row [G·R]; rows of group g are
+        contiguous, so LoRA factors are gathered once per group. Labels: :meth:`labels`.
         """
         lengths = [[self._length(i) for i in group] for group in groups]
         cap = max(capacity, max(max(ls) for ls in lengths))
@@ -90,10 +91,13 @@ class TrunkCache:
                 hidden[r, cursor : cursor + h.shape[0]] = h.to(hidden.dtype)
                 cursor += h.shape[0]
         order = [i for r in rows for i in r]
-        labels = torch.tensor([self.questions[i].answer if self.questions[i].answer is not None else -1
-                               for i in order], device=self.scorer.device)
         row_group = torch.arange(len(groups), device=self.scorer.device).repeat_interleave(n_rows)
-        return hidden, packed, labels, row_group
+        return hidden, packed, order, row_group
+
+    def labels(self, idx: Sequence[int]) -> torch.Tensor:
+        """Answer indices [len(idx)] (-1 where unknown)."""
+        return torch.tensor([self.questions[i].answer if self.questions[i].answer is not None else -1 for i in idx],
+                            device=self.scorer.device)
 
     def __len__(self) -> int:
         return len(self.questions)
