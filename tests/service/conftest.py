@@ -117,8 +117,8 @@ def tiny_settings(root: Path, **overrides: Any) -> Settings:
 def bundle_maker(tiny_base: BaseModel) -> Any:
     """``bundle_maker(root, name, **options)`` writes a random-weight bundle for the tiny model."""
 
-    def make(root: Path, name: str, **options: Any) -> Path:
-        return make_bundle(root, tiny_base, name, **options)
+    def make(root: Path, name: str, base: BaseModel | None = None, **options: Any) -> Path:
+        return make_bundle(root, base or tiny_base, name, **options)
 
     return make
 
