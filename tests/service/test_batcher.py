@@ -184,3 +184,28 @@ def test_engine_merges_concurrent_requests(
 
     results = asyncio.run(main())
     assert max(r[0].timings.batch_rows for r in results) == 3 * len(tiny_questions)
+
+
+def test_engine_timeout_releases_the_bundle(
+    engine_factory: Any, bundle_maker: Any, bundle_root: Path
+) -> None:
+    from service.engine.errors import RequestTimeoutError
+
+    bundle_maker(bundle_root, "b", members=2)
+    engine = engine_factory(bundle_root, request_timeout_s=0.1)
+    gate = threading.Event()
+    q = Question("Which gas?", ("a", "b"))
+
+    async def main() -> None:
+        await engine.start()
+        await engine.load_bundle("b")
+        blocker = asyncio.create_task(engine.batcher.run_in_worker(gate.wait, 10))
+        with pytest.raises(RequestTimeoutError):
+            await engine.answer("b", [q], AnswerOptions())
+        assert engine.registry.get("b").refcount == 0 and engine.queue_depth_rows == 0
+        gate.set()
+        await blocker
+        assert len((await engine.answer("b", [q], AnswerOptions()))[0].probabilities) == 2
+        await engine.stop()
+
+    asyncio.run(main())
