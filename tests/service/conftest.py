@@ -124,6 +124,12 @@ def bundle_maker(tiny_base: BaseModel) -> Any:
 
 
 @pytest.fixture
+def settings_factory() -> Any:
+    """``settings_factory(bundle_root, **overrides)``: test Settings (no env file, small waits, 1 thread)."""
+    return tiny_settings
+
+
+@pytest.fixture
 def bundle_root(tmp_path: Path) -> Path:
     root = tmp_path / "bundles"
     root.mkdir()
