@@ -1,4 +1,4 @@
-"""End to end on the real SmolLM2-135M: a random-weight 2-member ensemble on the top 2 layers, one ARC question."""
+"""End to end on the real SmolLM2-135M: random 2-member ensemble on the top 2 layers, one ARC question."""
 
 from __future__ import annotations
 
