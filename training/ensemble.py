@@ -116,7 +116,7 @@ def train_ensemble(scorer: ChoiceScorer, config: EnsembleConfig, train: Sequence
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / max(1, total_steps // 20)) * max(0.0, 1 - s / total_steps) + 1e-3)
-    def order(member: int, epoch: int) -> torch.Tensor:
+    def member_order(member: int, epoch: int) -> torch.Tensor:
         """Member m's data order in a given epoch: its own seeded permutation."""
         seed = (config.seed * 1_000_003 + member) * 9973 + epoch
         return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
@@ -135,7 +135,7 @@ def train_ensemble(scorer: ChoiceScorer, config: EnsembleConfig, train: Sequence
             for j in range(config.batch_size):
                 epoch, pos = divmod(step * config.batch_size + j, n)
                 if (m, epoch) not in orders:
-                    orders[(m, epoch)] = order(m, epoch)
+                    orders[(m, epoch)] = member_order(m, epoch)
                 group.append(int(orders[(m, epoch)][pos]))
             groups.append(group)
         hidden, packed, order, row_group = train_cache.packed_batch(groups, config.row_tokens)

@@ -8,6 +8,7 @@ server's label-free drift baseline) and recommended abstention thresholds, then 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ def calibrate(val_scores: torch.Tensor, labels: torch.Tensor, weights: torch.Ten
     probs = apply_temperature(val_scores, temperature)
     tempered = summarize(probs, labels, weights)
     metrics = {**tempered, **{f"uncalibrated_{k}": v for k, v in raw.items() if k in ("acc", "nll", "ece", "brier")}}
+    metrics = {k: v for k, v in metrics.items() if math.isfinite(v)}  # undefined ones (e.g. AUROC, one class) left out
     scores = decompose(probs, weights)
     num_choices = int(torch.isfinite(val_scores[:, 0]).sum(-1).max())
     histograms = {k: Histogram(edges=tuple(v["edges"]), counts=tuple(v["counts"]))
