@@ -97,7 +97,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(str(tmp), safe_serialization=True)
@@ -154,7 +154,8 @@ def load_base_model(
     model_dir = resolve_model_dir(name_or_path, cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
-    model.to(device).eval().requires_grad_(False)
+    model.to(device)  # type: ignore[arg-type]
+    model.eval().requires_grad_(False)
     config = model.config
     info = BaseModelInfo(
         model_id=name_or_path if name_or_path == DEFAULT_BASE_MODEL else model_dir.name,

@@ -180,7 +180,8 @@ def provenance() -> Provenance:
 def _adapter_config(lora: LoraSpec, base_model_id: str) -> dict[str, Any]:
     from peft import LoraConfig
 
-    config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=list(lora.target_modules),
+    alpha: Any = lora.alpha  # peft types alpha as int but accepts floats
+    config = LoraConfig(r=lora.rank, lora_alpha=alpha, target_modules=list(lora.target_modules),
                         layers_to_transform=list(lora.layers), lora_dropout=0.0, bias="none",
                         task_type="CAUSAL_LM", base_model_name_or_path=base_model_id)
     return config.to_dict()
@@ -254,15 +255,15 @@ def read_bundle(path: Path | str, expect_base: BaseModelInfo | None = None) -> B
         if tensors is not None:
             members[member.name] = tensors
     artifacts: dict[str, Any] = {}
-    for role, file in manifest.artifacts.items():
-        artifact = path / file
-        if Path(file).name != file or not artifact.is_file():
-            problems.append(f"artifact {role!r}: missing file {file!r}")
-        elif file.endswith(".safetensors"):
+    for role, filename in manifest.artifacts.items():
+        artifact = path / filename
+        if Path(filename).name != filename or not artifact.is_file():
+            problems.append(f"artifact {role!r}: missing file {filename!r}")
+        elif filename.endswith(".safetensors"):
             loaded = _read_safetensors(artifact, problems, f"artifact {role!r}")
             if loaded is not None:
                 artifacts[role] = loaded
-        elif file.endswith(".json"):
+        elif filename.endswith(".json"):
             artifacts[role] = json.loads(artifact.read_text())
         else:
             problems.append(f"artifact {role!r}: only .safetensors and .json are allowed")

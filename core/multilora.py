@@ -62,6 +62,9 @@ class SlotFactors(nn.Module):
     lora_A [S, r_max, in], lora_B [S, out, r_max], scaling [S]; ``present[s]`` marks slots with weights.
     """
 
+    scaling: torch.Tensor
+    present: torch.Tensor
+
     def __init__(self, base: nn.Linear, num_slots: int, max_rank: int) -> None:
         super().__init__()
         param = base.weight
@@ -72,7 +75,8 @@ class SlotFactors(nn.Module):
         self.register_buffer("scaling", torch.zeros(num_slots, device=param.device))
         self.register_buffer("present", torch.zeros(num_slots, dtype=torch.bool, device=param.device))
 
-    def delta(self, x: torch.Tensor, row_slots: torch.Tensor, blocks: torch.Tensor | None = None) -> torch.Tensor | None:
+    def delta(self, x: torch.Tensor, row_slots: torch.Tensor,
+              blocks: torch.Tensor | None = None) -> torch.Tensor | None:
         """x [R, T, in], row_slots [R] → LoRA delta [R, T, out], or None when no row has weights here.
 
         ``blocks`` [G] (optional) says the rows are G equal contiguous blocks with slots ``blocks``; the
@@ -110,6 +114,7 @@ class MultiLora(nn.Module):
         self.layout = layout
         self.num_slots = num_slots
         self.factors = nn.ModuleDict()
+        self.factor_map: dict[str, SlotFactors] = {}  # typed view of self.factors
         self._row_slots: torch.Tensor | None = None
         self._blocks: torch.Tensor | None = None
         self._handles = []
@@ -121,9 +126,10 @@ class MultiLora(nn.Module):
                 base = getattr(getattr(layers[layer], _parent_name(name)), name)
                 factors = SlotFactors(base, num_slots, layout.rank)
                 self.factors[f"{layer}_{name}"] = factors
+                self.factor_map[f"{layer}_{name}"] = factors
                 self._handles.append(base.register_forward_hook(self._hook(factors)))
 
-    def _hook(self, factors: SlotFactors):  # noqa: ANN202 - torch hook signature
+    def _hook(self, factors: SlotFactors):
         def add_delta(_module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
             if self._row_slots is None:
                 return output
@@ -151,13 +157,13 @@ class MultiLora(nn.Module):
     def slot_parameters(self, slot: int) -> list[torch.Tensor]:
         """Views of one slot's A and B factors (for the L2 prior term)."""
         out: list[torch.Tensor] = []
-        for factors in self.factors.values():
+        for factors in self.factor_map.values():
             out.extend((factors.lora_A[slot], factors.lora_B[slot]))
         return out
 
     def init_for_training(self, slot: int, generator: torch.Generator) -> None:
         """peft's default init: A ~ Kaiming-uniform(a=√5), B = 0, so training starts at the base model."""
-        for factors in self.factors.values():
+        for factors in self.factor_map.values():
             fan_in = factors.lora_A.shape[-1]
             bound = 1.0 / math.sqrt(fan_in)  # kaiming_uniform with a=sqrt(5) gives 1/sqrt(fan_in)
             with torch.no_grad():
@@ -168,7 +174,7 @@ class MultiLora(nn.Module):
 
     def clear_slot(self, slot: int) -> None:
         with torch.no_grad():
-            for factors in self.factors.values():
+            for factors in self.factor_map.values():
                 factors.lora_A[slot].zero_()
                 factors.lora_B[slot].zero_()
                 factors.scaling[slot] = 0.0
@@ -178,7 +184,7 @@ class MultiLora(nn.Module):
         """One slot as peft's adapter_model.safetensors keys (``…layers.{i}.self_attn.q_proj.lora_A.weight``)."""
         out: dict[str, torch.Tensor] = {}
         rank = self.layout.rank
-        for key, factors in self.factors.items():
+        for key, factors in self.factor_map.items():
             layer, name = key.split("_", 1)
             prefix = f"base_model.model.model.layers.{layer}.{_parent_name(name)}.{name}"
             out[f"{prefix}.lora_A.weight"] = factors.lora_A[slot, :rank].detach().clone().contiguous()
@@ -196,7 +202,7 @@ class MultiLora(nn.Module):
                 match = _PEFT_KEY.match(key)
                 assert match is not None
                 layer, _, name, which = match.groups()
-                factors = self.factors[f"{layer}_{name}"]
+                factors = self.factor_map[f"{layer}_{name}"]
                 if which == "A":
                     factors.lora_A[slot, : tensor.shape[0]].copy_(tensor)
                 else:
@@ -226,8 +232,7 @@ def check_peft_tensors(tensors: dict[str, torch.Tensor], multilora: MultiLora) -
             problems.append(f"unexpected tensor {key!r}")
             continue
         layer, _, name, which = match.groups()
-        key_ = f"{layer}_{name}"
-        factors = multilora.factors[key_] if key_ in multilora.factors else None
+        factors = multilora.factor_map.get(f"{layer}_{name}")
         if factors is None:
             problems.append(f"{key}: layer {layer} {name} is not adapted in this engine's layout")
             continue

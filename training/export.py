@@ -70,7 +70,8 @@ def export_bundle(*, out_dir: Path, name: str, method: Method, base: BaseModelIn
                   answer_space: AnswerSpaceSpec, members: Mapping[str, dict[str, torch.Tensor]],
                   seeds: Mapping[str, int | None], weights: torch.Tensor, val_scores: torch.Tensor,
                   val_labels: torch.Tensor, training: dict[str, Any], data_hashes: dict[str, str],
-                  artifacts: dict[str, dict[str, torch.Tensor]] | None = None, artifact_files: dict[str, str] | None = None,
+                  artifacts: dict[str, dict[str, torch.Tensor]] | None = None,
+                  artifact_files: dict[str, str] | None = None,
                   method_config: dict[str, Any] | None = None, fit_temperature: bool = True) -> BundleManifest:
     """Calibrate on validation and write ``out_dir/name``; returns the manifest written."""
     calibration, thresholds = calibrate(val_scores, val_labels, weights, fit_temperature)

@@ -13,7 +13,15 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from core.answers import EncodedQuestion, PackedBatch, Question, encode_question, pack_questions, pack_rows, packed_length
+from core.answers import (
+    EncodedQuestion,
+    PackedBatch,
+    Question,
+    encode_question,
+    pack_questions,
+    pack_rows,
+    packed_length,
+)
 from core.scoring import ChoiceScorer
 
 
