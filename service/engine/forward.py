@@ -15,6 +15,7 @@ run once for all rows of all bundles with ``multilora.rows(row_slots)`` applying
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,10 +34,17 @@ class RowWork:
     answer_format: AnswerFormat
     row_slots: tuple[int, ...]  # [R], -1 = base model
     first_layer: int  # lowest layer the bundle adapts; layers below can be shared across its rows
+    # Method-specific forward (e.g. Laplace: MAP forward + Jacobians, which needs autograd). None = the shared
+    # no-grad multi-LoRA forward below. Items with the same callable run together in one call, which returns
+    # one tensor per item (its rows need not match row_slots; the bundle's predictor reads them back).
+    custom: CustomForward | None = None
 
     @property
     def rows(self) -> int:
         return len(self.row_slots)
+
+
+CustomForward = Callable[[ChoiceScorer, list[RowWork]], list[torch.Tensor]]
 
 
 class MixedForward:
@@ -52,8 +60,15 @@ class MixedForward:
         """Choice scores per item: [R_i, K_i] float32 (softmax over K_i = the row's choice distribution)."""
         out: list[torch.Tensor | None] = [None] * len(items)
         groups: dict[AnswerFormat, list[int]] = defaultdict(list)
+        custom: dict[CustomForward, list[int]] = defaultdict(list)
         for i, item in enumerate(items):
-            groups[item.answer_format].append(i)
+            if item.custom is not None:
+                custom[item.custom].append(i)
+            else:
+                groups[item.answer_format].append(i)
+        for forward, indices in custom.items():  # method-specific forwards (see RowWork.custom)
+            for i, scores in zip(indices, forward(self.scorer, [items[i] for i in indices]), strict=True):
+                out[i] = scores
         for answer_format, indices in groups.items():
             group = [items[i] for i in indices]
             for i, scores in zip(indices, self._group(group, answer_format), strict=True):

@@ -18,6 +18,7 @@ import torch
 
 from core.bundle import Bundle, Method
 from core.uncertainty import UncertaintyScores, decompose, tempered_probabilities
+from service.engine.forward import CustomForward
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,8 @@ class Predictor(ABC):
     """Serving-side view of one bundle's uncertainty method."""
 
     method: ClassVar[Method]
+    custom_forward: CustomForward | None = None
+    """A method-specific forward for this bundle's questions (see RowWork.custom); None = shared forward."""
 
     def __init__(self, bundle: Bundle) -> None:
         self.bundle = bundle
@@ -98,8 +101,11 @@ class EnsemblePredictor(Predictor):
         return Prediction(scores=decompose(member_probs, self.weights.double()), member_probs=member_probs)
 
 
+from service.engine.laplace_predictor import LaplacePredictor  # noqa: E402 - subclasses Predictor above
+
 PREDICTORS: dict[Method, type[Predictor]] = {
     Method.ENSEMBLE: EnsemblePredictor,
+    Method.LAPLACE: LaplacePredictor,
 }
 
 
