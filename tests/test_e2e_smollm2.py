@@ -45,7 +45,7 @@ def test_trained_bundle_is_served(trained_bundle: Path) -> None:
     from service.app import create_app
     from service.settings import Settings
 
-    settings = Settings(bundle_root=trained_bundle.parent, preload_bundles=["e2e"], admin_key="k")
+    settings = Settings(bundle_root=trained_bundle.parent, preload_bundles=["e2e"], admin_key="test-admin-key")
     with TestClient(create_app(settings)) as client:
         response = client.post("/v1/answer", json={
             "question": "Which gas do plants absorb from the air for photosynthesis?",
