@@ -18,7 +18,7 @@ _CORPUS = [
 ] + [f"{letter}. choice {letter}\nAnswer: {letter}" for letter in string.ascii_uppercase]
 
 
-def build_tiny_tokenizer():  # noqa: ANN201 - transformers type
+def build_tiny_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -33,7 +33,7 @@ def build_tiny_tokenizer():  # noqa: ANN201 - transformers type
     return fast
 
 
-def build_tiny_model(vocab_size: int, seed: int = 0, layers: int = 4):  # noqa: ANN201
+def build_tiny_model(vocab_size: int, seed: int = 0, layers: int = 4):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -45,12 +45,12 @@ def build_tiny_model(vocab_size: int, seed: int = 0, layers: int = 4):  # noqa: 
 
 
 @pytest.fixture(scope="session")
-def tiny_tokenizer():  # noqa: ANN201
+def tiny_tokenizer():
     return build_tiny_tokenizer()
 
 
 @pytest.fixture(scope="session")
-def tiny_base(tiny_tokenizer) -> BaseModel:  # noqa: ANN001
+def tiny_base(tiny_tokenizer) -> BaseModel:
     model = build_tiny_model(len(tiny_tokenizer))
     cfg = model.config
     info = BaseModelInfo(model_id="tiny-llama", weight_hash=fingerprint_module(model), num_layers=cfg.num_hidden_layers,

@@ -27,7 +27,7 @@ from core.scoring import ChoiceScorer
 LAYOUT = LoraLayout(ALL_MODULES, (2, 3), rank=4, alpha=8.0)
 
 
-def _random_members(model, count: int) -> tuple[MultiLora, dict[str, dict[str, torch.Tensor]]]:  # noqa: ANN001
+def _random_members(model, count: int) -> tuple[MultiLora, dict[str, dict[str, torch.Tensor]]]:
     multilora = MultiLora(model, LAYOUT, num_slots=count)
     for slot in range(count):
         multilora.init_for_training(slot, torch.Generator().manual_seed(slot))
@@ -37,7 +37,7 @@ def _random_members(model, count: int) -> tuple[MultiLora, dict[str, dict[str, t
     return multilora, {f"member-{m}": multilora.peft_state_dict(m) for m in range(count)}
 
 
-def _manifest(info, count: int, name: str = "tiny") -> BundleManifest:  # noqa: ANN001
+def _manifest(info, count: int, name: str = "tiny") -> BundleManifest:
     return BundleManifest(
         name=name, method=Method.ENSEMBLE, base_model=base_ref(info),
         members=tuple(MemberSpec(name=f"member-{m}", weight=1.0) for m in range(count)),
@@ -45,7 +45,7 @@ def _manifest(info, count: int, name: str = "tiny") -> BundleManifest:  # noqa: 
     )
 
 
-def test_round_trip_gives_identical_predictions(tiny_base, tiny_questions, tmp_path: Path) -> None:  # noqa: ANN001
+def test_round_trip_gives_identical_predictions(tiny_base, tiny_questions, tmp_path: Path) -> None:
     multilora, members = _random_members(tiny_base.model, 3)
     scorer = ChoiceScorer(tiny_base.model, tiny_base.tokenizer, AnswerFormat.CLOZE)
     batch = scorer.pack(tiny_questions)
@@ -66,7 +66,7 @@ def test_round_trip_gives_identical_predictions(tiny_base, tiny_questions, tmp_p
     assert not torch.allclose(before[0::3], before[1::3])  # members differ
 
 
-def test_members_load_with_plain_peft(tiny_base, tiny_questions, tmp_path: Path) -> None:  # noqa: ANN001
+def test_members_load_with_plain_peft(tiny_base, tiny_questions, tmp_path: Path) -> None:
     from peft import PeftModel
 
     multilora, members = _random_members(tiny_base.model, 2)
@@ -84,7 +84,7 @@ def test_members_load_with_plain_peft(tiny_base, tiny_questions, tmp_path: Path)
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
 
 
-def test_reader_collects_every_problem(tiny_base, tmp_path: Path) -> None:  # noqa: ANN001
+def test_reader_collects_every_problem(tiny_base, tmp_path: Path) -> None:
     _, members = _random_members(tiny_base.model, 2)
     path = write_bundle(tmp_path / "tiny", _manifest(tiny_base.info, 2), members)
     (path / "members/member-0/adapter_model.safetensors").unlink()
@@ -100,7 +100,7 @@ def test_reader_collects_every_problem(tiny_base, tmp_path: Path) -> None:  # no
     assert any("r/alpha" in p for p in problems)
 
 
-def test_bad_manifest_and_base_mismatch(tiny_base, tmp_path: Path) -> None:  # noqa: ANN001
+def test_bad_manifest_and_base_mismatch(tiny_base, tmp_path: Path) -> None:
     _, members = _random_members(tiny_base.model, 1)
     path = write_bundle(tmp_path / "tiny", _manifest(tiny_base.info, 1), members)
     other = type(tiny_base.info)(**{**vars(tiny_base.info), "weight_hash": "0" * 64})

@@ -9,7 +9,7 @@ from core.answers import AnswerFormat, choice_continuations, prompt_prefix
 from core.scoring import ChoiceScorer
 
 
-def _reference_scores(model, tokenizer, q, fmt):  # noqa: ANN001, ANN202
+def _reference_scores(model, tokenizer, q, fmt):
     prefix = tokenizer(prompt_prefix(q, fmt), add_special_tokens=False)["input_ids"]
     out = []
     for cont in choice_continuations(q, fmt):
@@ -25,7 +25,7 @@ def _reference_scores(model, tokenizer, q, fmt):  # noqa: ANN001, ANN202
 
 
 @pytest.mark.parametrize("fmt", list(AnswerFormat))
-def test_packed_batch_matches_separate_forwards(tiny_base, tiny_questions, fmt) -> None:  # noqa: ANN001
+def test_packed_batch_matches_separate_forwards(tiny_base, tiny_questions, fmt) -> None:
     scorer = ChoiceScorer(tiny_base.model, tiny_base.tokenizer, fmt)
     with torch.no_grad():
         scores = scorer.scores(scorer.pack(tiny_questions))
@@ -37,7 +37,7 @@ def test_packed_batch_matches_separate_forwards(tiny_base, tiny_questions, fmt) 
 
 
 @pytest.mark.parametrize("split", [1, 2, 3])
-def test_trunk_split_equals_full_forward(tiny_base, tiny_questions, split) -> None:  # noqa: ANN001
+def test_trunk_split_equals_full_forward(tiny_base, tiny_questions, split) -> None:
     scorer = ChoiceScorer(tiny_base.model, tiny_base.tokenizer, AnswerFormat.CLOZE)
     batch = scorer.pack(tiny_questions)
     with torch.no_grad():
@@ -48,7 +48,7 @@ def test_trunk_split_equals_full_forward(tiny_base, tiny_questions, split) -> No
 
 
 @pytest.mark.parametrize("fmt", list(AnswerFormat))
-def test_several_questions_per_row_match_one_per_row(tiny_base, tiny_questions, fmt) -> None:  # noqa: ANN001
+def test_several_questions_per_row_match_one_per_row(tiny_base, tiny_questions, fmt) -> None:
     from core.answers import encode_question, pack_rows
 
     scorer = ChoiceScorer(tiny_base.model, tiny_base.tokenizer, fmt)

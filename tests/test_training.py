@@ -15,13 +15,13 @@ from training.export import export_bundle
 from training.trunk import TrunkCache
 
 
-def _config(**overrides) -> EnsembleConfig:  # noqa: ANN003
+def _config(**overrides) -> EnsembleConfig:
     base = dict(members=2, rank=4, alpha=8.0, top_layers=2, epochs=6, batch_size=2, lr=2e-2, dtype="float32",
                 row_tokens=64)
     return EnsembleConfig(**{**base, **overrides})
 
 
-def test_member_scores_match_direct_scoring(tiny_base, tiny_questions) -> None:  # noqa: ANN001
+def test_member_scores_match_direct_scoring(tiny_base, tiny_questions) -> None:
     scorer = ChoiceScorer(tiny_base.model, tiny_base.tokenizer, AnswerFormat.CLOZE)
     multilora, _ = train_ensemble(scorer, _config(epochs=1), tiny_questions, tiny_questions[:2], log=lambda _: None)
     cache = TrunkCache(scorer, tiny_questions, split=2)
@@ -35,7 +35,7 @@ def test_member_scores_match_direct_scoring(tiny_base, tiny_questions) -> None: 
     multilora.remove()
 
 
-def test_training_lowers_nll_and_members_differ(tiny_base, tiny_questions) -> None:  # noqa: ANN001
+def test_training_lowers_nll_and_members_differ(tiny_base, tiny_questions) -> None:
     scorer = ChoiceScorer(tiny_base.model, tiny_base.tokenizer, AnswerFormat.CLOZE)
     cache = TrunkCache(scorer, tiny_questions, split=2)
     labels = torch.tensor([q.answer for q in tiny_questions])
@@ -49,7 +49,7 @@ def test_training_lowers_nll_and_members_differ(tiny_base, tiny_questions) -> No
     multilora.remove()
 
 
-def test_prior_precision_pulls_weights_toward_zero(tiny_base, tiny_questions) -> None:  # noqa: ANN001
+def test_prior_precision_pulls_weights_toward_zero(tiny_base, tiny_questions) -> None:
     scorer = ChoiceScorer(tiny_base.model, tiny_base.tokenizer, AnswerFormat.CLOZE)
     norms = []
     for precision in (0.0, 4000.0):
@@ -60,7 +60,7 @@ def test_prior_precision_pulls_weights_toward_zero(tiny_base, tiny_questions) ->
     assert norms[1] < 0.5 * norms[0]
 
 
-def test_export_and_reload_gives_same_scores(tiny_base, tiny_questions, tmp_path: Path) -> None:  # noqa: ANN001
+def test_export_and_reload_gives_same_scores(tiny_base, tiny_questions, tmp_path: Path) -> None:
     scorer = ChoiceScorer(tiny_base.model, tiny_base.tokenizer, AnswerFormat.CLOZE)
     config = _config(epochs=2)
     multilora, _ = train_ensemble(scorer, config, tiny_questions, tiny_questions, log=lambda _: None)
