@@ -73,6 +73,7 @@ class ServiceMetrics(EngineObserver):
                                 ["bundle", "result"], registry=r)
         self.labelled = Counter("uqserve_labelled_total", "Answers that received a label", ["bundle"],
                                 registry=r)
+        self._engine: Engine | None = None
 
     # engine observer
     def batch_done(self, rows: int, queue_waits_s: list[float]) -> None:
@@ -92,24 +93,26 @@ class ServiceMetrics(EngineObserver):
             self.max_probability.labels(bundle).observe(result.max_probability)
 
     def failed(self, bundle: str, err: BaseException, questions: int = 1) -> None:
-        label = UNKNOWN_BUNDLE if isinstance(err, engine_errors.BundleNotFoundError) else bundle
-        self.requests.labels(label, "error").inc(questions)
+        loaded = self._engine is not None and any(s.name == bundle for s in self._engine.bundles())
+        self.requests.labels(bundle if loaded else UNKNOWN_BUNDLE, "error").inc(questions)
 
     def attach(self, engine: Engine) -> None:
-        """Expose the engine's scrape-time gauges (idempotent per registry)."""
-        if not getattr(self, "_attached", False):
-            self.registry.register(EngineCollector(lambda: engine))
-            self._attached = True
+        """Expose the engine's scrape-time gauges (registered once per registry)."""
+        if self._engine is None:
+            self.registry.register(EngineCollector(lambda: self._engine))
+        self._engine = engine
 
 
 class EngineCollector(Collector):
     """Scrape-time gauges read from the engine."""
 
-    def __init__(self, engine: Callable[[], Engine]) -> None:
+    def __init__(self, engine: Callable[[], Engine | None]) -> None:
         self._engine = engine
 
     def collect(self) -> Iterable[Metric]:
         engine = self._engine()
+        if engine is None:
+            return
         monitors = engine.monitor()
         yield _gauge("uqserve_queue_depth_rows", "Rows waiting for a forward", [],
                      [([], engine.queue_depth_rows)])

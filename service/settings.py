@@ -68,8 +68,8 @@ class Settings(BaseSettings):
         if self.max_batch_rows > self.max_queue_rows:
             raise ValueError(f"max_batch_rows ({self.max_batch_rows}) exceeds max_queue_rows "
                              f"({self.max_queue_rows})")
-        if self.admin_key is not None and len(self.admin_key.get_secret_value()) < 8:
-            raise ValueError("admin_key must be at least 8 characters")
+        if self.admin_key is not None and not self.admin_key.get_secret_value().strip():
+            raise ValueError("admin_key must not be blank (unset it to disable admin endpoints)")
         return self
 
     def default_thresholds(self) -> dict[str, float | None]:

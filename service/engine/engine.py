@@ -10,9 +10,9 @@ combines them into the answer distribution with its uncertainty decomposition.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
+import threading
 import time
 import uuid
 from collections import defaultdict
@@ -75,6 +75,7 @@ class UQEngine(Engine):
                                     max_wait_s=settings.max_wait_ms / 1000,
                                     max_queue_rows=settings.max_queue_rows)
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._fill_lock = threading.Lock()
         self._accepting = False
 
     @classmethod
@@ -202,8 +203,8 @@ class UQEngine(Engine):
         loads = predictor.slot_loads()
         self._check_fit(bundle, loads)
         slots = self.pool.allocate(len(loads))
-        try:
-            await self.batcher.run_in_worker(self._fill, slots, loads)
+        try:  # free slots are referenced by no row, so filling them cannot disturb a running forward
+            await asyncio.to_thread(self._fill, slots, loads)
         except BaseException:
             self.pool.release(slots)
             raise
@@ -235,19 +236,14 @@ class UQEngine(Engine):
             raise BundleRefusedError(f"bundle {manifest.name!r}: " + "; ".join(problems[:20]), reason=reason)
 
     def _fill(self, slots: list[int], loads: list[SlotLoad]) -> None:
-        for slot, load in zip(slots, loads, strict=True):
-            self.multilora.load_peft_state_dict(slot, load.tensors, load.scaling)
-
-    def _clear(self, slots: list[int]) -> None:
-        for slot in slots:
-            self.multilora.clear_slot(slot)
+        """Write adapters into free slots (clearing each first); runs beside forwards, never on used slots."""
+        with self._fill_lock:
+            for slot, load in zip(slots, loads, strict=True):
+                self.multilora.load_peft_state_dict(slot, load.tensors, load.scaling)
 
     def _free_entry(self, entry: BundleEntry) -> None:
-        """A retired version has no requests left: clear its slots on the worker, return them to the pool."""
-        slots = list(entry.slots)
-        with contextlib.suppress(RuntimeError):  # RuntimeError: the executor is already shut down
-            self.executor.submit(self._clear, slots)  # FIFO: runs before any later fill of these slots
-        self.pool.release(slots)
+        """A retired version has no requests left: its slots return to the pool (the next fill clears them)."""
+        self.pool.release(list(entry.slots))
 
     async def unload_bundle(self, name: str) -> BundleStatus:
         async with self._locks[name]:

@@ -3,7 +3,8 @@
 Hot-swap: ``install`` makes a new entry current for its name and retires the old one. Requests hold
 the entry they acquired until they finish, so in-flight requests complete on the version they started
 with while new ones get the new version. A retired entry's slots go back to the pool when its last
-request releases it. Everything here runs on the event-loop thread (no locks needed).
+request releases it; they are cleared when a later load fills them. Everything here runs on the
+event-loop thread (no locks needed).
 """
 
 from __future__ import annotations

@@ -34,12 +34,21 @@ class Recorder(EngineObserver):
         self.batches.append(rows)
 
 
-def make(**kwargs: Any) -> tuple[MicroBatcher, list[list[RowWork]], Recorder, threading.Event]:
+class Gate(threading.Event):
+    """Holds the fake forward while cleared; ``entered`` is set once a forward has started."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+        self.set()
+
+
+def make(**kwargs: Any) -> tuple[MicroBatcher, list[list[RowWork]], Recorder, Gate]:
     calls: list[list[RowWork]] = []
-    gate = threading.Event()
-    gate.set()
+    gate = Gate()
 
     def forward(items: list[RowWork]) -> list[torch.Tensor]:
+        gate.entered.set()
         gate.wait(10)
         calls.append(items)
         if any(i.first_layer == BAD_LAYER for i in items):
@@ -117,7 +126,7 @@ def test_bounded_queue_raises_queue_full() -> None:
         gate.clear()  # hold the worker
         await batcher.start()
         running = asyncio.create_task(batcher.submit([work()]))
-        await asyncio.sleep(0.05)  # taken off the queue, blocked in the forward
+        await asyncio.to_thread(gate.entered.wait, 10)  # taken off the queue, blocked in the forward
         queued = [asyncio.create_task(batcher.submit([work()])) for _ in range(2)]
         await asyncio.sleep(0.01)
         assert batcher.queued_rows == 10
@@ -138,7 +147,7 @@ def test_cancelled_request_leaves_the_queue() -> None:
         gate.clear()
         await batcher.start()
         running = asyncio.create_task(batcher.submit([work()]))
-        await asyncio.sleep(0.05)
+        await asyncio.to_thread(gate.entered.wait, 10)
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(batcher.submit([work(rows=4)]), 0.05)
         assert batcher.queued_rows == 0
@@ -186,9 +195,7 @@ def test_engine_merges_concurrent_requests(
     assert max(r[0].timings.batch_rows for r in results) == 3 * len(tiny_questions)
 
 
-def test_engine_timeout_releases_the_bundle(
-    engine_factory: Any, bundle_maker: Any, bundle_root: Path
-) -> None:
+def test_engine_timeout_releases_the_bundle(engine_factory: Any, bundle_maker: Any, bundle_root: Path) -> None:
     from service.engine.errors import RequestTimeoutError
 
     bundle_maker(bundle_root, "b", members=2)
@@ -203,6 +210,7 @@ def test_engine_timeout_releases_the_bundle(
         with pytest.raises(RequestTimeoutError):
             await engine.answer("b", [q], AnswerOptions())
         assert engine.registry.get("b").refcount == 0 and engine.queue_depth_rows == 0
+        engine.settings.request_timeout_s = 60.0
         gate.set()
         await blocker
         assert len((await engine.answer("b", [q], AnswerOptions()))[0].probabilities) == 2

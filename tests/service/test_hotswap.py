@@ -44,13 +44,17 @@ def test_hot_swap_under_concurrent_load(engine_factory: Any, bundle_maker: Any, 
                     errors.append(err)
 
         clients = [asyncio.create_task(client()) for _ in range(8)]
+
+        async def progress(count: int) -> None:  # wait for answers rather than wall time (slow CI machines)
+            target = len(seen) + count
+            while len(seen) < target and not errors:
+                await asyncio.sleep(0.01)
+
         for version in range(2, 6):
-            await asyncio.sleep(0.05)
-            await asyncio.to_thread(
-                bundle_maker, bundle_root, "swap", members=3, version=str(version), seed=version
-            )
+            await progress(8)
+            await asyncio.to_thread(bundle_maker, bundle_root, "swap", members=3, version=str(version), seed=version)
             await engine.load_bundle("swap")
-        await asyncio.sleep(0.05)
+        await progress(8)
         done.set()
         await asyncio.gather(*clients)
         after = await engine.answer("swap", [Q], AnswerOptions())
@@ -64,9 +68,7 @@ def test_hot_swap_under_concurrent_load(engine_factory: Any, bundle_maker: Any, 
     assert {"1", "5"} <= set(seen) and len(seen) > 20
 
 
-def test_in_flight_request_finishes_on_its_version(
-    engine_factory: Any, bundle_maker: Any, bundle_root: Path
-) -> None:
+def test_in_flight_request_finishes_on_its_version(engine_factory: Any, bundle_maker: Any, bundle_root: Path) -> None:
     bundle_maker(bundle_root, "swap", members=2, version="1", seed=1)
     engine = engine_factory(bundle_root, max_wait_ms=0.0)
     gate = threading.Event()
@@ -93,9 +95,7 @@ def test_in_flight_request_finishes_on_its_version(
     asyncio.run(main())
 
 
-def test_unload_waits_for_in_flight_then_frees_slots(
-    engine_factory: Any, bundle_maker: Any, bundle_root: Path
-) -> None:
+def test_unload_waits_for_in_flight_then_frees_slots(engine_factory: Any, bundle_maker: Any, bundle_root: Path) -> None:
     bundle_maker(bundle_root, "gone", members=4)
     engine = engine_factory(bundle_root, max_wait_ms=0.0)
     gate = threading.Event()
@@ -125,9 +125,7 @@ def test_bad_bundles_are_refused_and_serving_continues(
     bundle_maker(bundle_root, "good", members=2)
     bundle_maker(bundle_root, "too-big", members=2, rank=32)
     bundle_maker(bundle_root, "laplace", members=1, method=Method.LAPLACE)
-    other = BaseModel(
-        tiny_base.model, tiny_base.tokenizer, dataclasses.replace(tiny_base.info, weight_hash="0" * 64)
-    )
+    other = BaseModel(tiny_base.model, tiny_base.tokenizer, dataclasses.replace(tiny_base.info, weight_hash="0" * 64))
     bundle_maker(bundle_root, "other-base", base=other, members=2)
     broken = bundle_maker(bundle_root, "broken", members=2)
     (broken / "members" / "m1" / "adapter_model.safetensors").write_bytes(b"not safetensors")
