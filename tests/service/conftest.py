@@ -35,9 +35,7 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
 
 
-def random_member(
-    model: torch.nn.Module, layout: LoraLayout, seed: int, scale: float = 0.1
-) -> dict[str, torch.Tensor]:
+def random_member(model: torch.nn.Module, layout: LoraLayout, seed: int, scale: float = 0.1) -> dict[str, torch.Tensor]:
     """peft-format tensors of one LoRA member with random (non-zero) A and B."""
     multilora = MultiLora(model, layout, num_slots=1)
     generator = torch.Generator().manual_seed(seed)

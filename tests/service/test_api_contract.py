@@ -94,9 +94,7 @@ class FakeEngine(Engine):
             err, self.fail = self.fail, None
             raise err
 
-    async def answer(
-        self, bundle: str, questions: list[Question], options: AnswerOptions
-    ) -> list[AnswerResult]:
+    async def answer(self, bundle: str, questions: list[Question], options: AnswerOptions) -> list[AnswerResult]:
         self._raise()
         if bundle not in self.loaded:
             raise E.BundleNotFoundError(f"bundle {bundle!r} is not loaded", param="bundle")
@@ -251,9 +249,7 @@ def test_abstention_fields(client: tuple[TestClient, FakeEngine]) -> None:
         (body(question=""), "question"),
     ],
 )
-def test_validation_errors_use_error_schema(
-    client: tuple[TestClient, FakeEngine], payload: dict, param: str
-) -> None:
+def test_validation_errors_use_error_schema(client: tuple[TestClient, FakeEngine], payload: dict, param: str) -> None:
     c, _ = client
     err = assert_error(c.post("/v1/answer", json=payload), 422, "invalid_request_error", param)
     assert err["code"] == "validation_error"
@@ -323,17 +319,13 @@ def test_unknown_bundle_404_and_error_metric(client: tuple[TestClient, FakeEngin
     c, _ = client
     assert_error(c.post("/v1/answer", json=body(bundle="missing")), 404, "not_found_error")
     registry = c.app.state.metrics.registry  # type: ignore[attr-defined]
-    assert (
-        registry.get_sample_value("uqserve_requests_total", {"bundle": "_unknown", "outcome": "error"}) == 1
-    )
+    assert registry.get_sample_value("uqserve_requests_total", {"bundle": "_unknown", "outcome": "error"}) == 1
 
 
 def test_admin_disabled_without_key(tmp_path: Any) -> None:
     c, _ = make_client(tmp_path)
     with c:
-        err = assert_error(
-            c.post("/v1/bundles/default", headers={"X-Admin-Key": "anything"}), 403, "permission_error"
-        )
+        err = assert_error(c.post("/v1/bundles/default", headers={"X-Admin-Key": "anything"}), 403, "permission_error")
         assert "UQSERVE_ADMIN_KEY" in err["message"]
 
 
@@ -357,9 +349,7 @@ def test_admin_auth(client: tuple[TestClient, FakeEngine]) -> None:
 @pytest.mark.parametrize("name", ["a..b", ".hidden", "-x", "x" * 65, "a b"])
 def test_admin_bundle_names_are_validated(client: tuple[TestClient, FakeEngine], name: str) -> None:
     c, engine = client
-    assert_error(
-        c.post(f"/v1/bundles/{name}", headers={"X-Admin-Key": ADMIN}), 422, "invalid_request_error", "name"
-    )
+    assert_error(c.post(f"/v1/bundles/{name}", headers={"X-Admin-Key": ADMIN}), 422, "invalid_request_error", "name")
     assert name not in engine.loaded
 
 
@@ -399,9 +389,7 @@ def test_bad_bundle_load(client: tuple[TestClient, FakeEngine], error: BaseExcep
 def test_feedback(client: tuple[TestClient, FakeEngine]) -> None:
     c, _ = client
     request_id = c.post("/v1/answer", json=body()).json()["request_id"]
-    assert_error(
-        c.post("/v1/feedback", json={"request_id": "nope", "correct_index": 0}), 404, "not_found_error"
-    )
+    assert_error(c.post("/v1/feedback", json={"request_id": "nope", "correct_index": 0}), 404, "not_found_error")
     assert_error(c.post("/v1/feedback", json={"request_id": request_id, "correct_index": -1}), 422)
     assert_error(
         c.post("/v1/feedback", json={"request_id": request_id, "correct_index": 5}),
@@ -417,15 +405,8 @@ def test_feedback(client: tuple[TestClient, FakeEngine]) -> None:
     assert_error(c.post("/v1/feedback", json={"request_id": request_id, "correct_index": 1}), 409)
     registry = c.app.state.metrics.registry  # type: ignore[attr-defined]
     for result in ("joined", "duplicate"):
-        assert (
-            registry.get_sample_value("uqserve_feedback_total", {"bundle": "default", "result": result}) == 1
-        )
-    assert (
-        registry.get_sample_value(
-            "uqserve_feedback_total", {"bundle": "_unknown", "result": "unknown_request"}
-        )
-        == 1
-    )
+        assert registry.get_sample_value("uqserve_feedback_total", {"bundle": "default", "result": result}) == 1
+    assert registry.get_sample_value("uqserve_feedback_total", {"bundle": "_unknown", "result": "unknown_request"}) == 1
     assert registry.get_sample_value("uqserve_labelled_total", {"bundle": "default"}) == 1
 
 
@@ -449,9 +430,7 @@ def test_health_metrics_docs(client: tuple[TestClient, FakeEngine]) -> None:
         assert name in text, name
     assert 'endpoint="/v1/answer"' in text
     paths = c.get("/openapi.json").json()["paths"]
-    assert {"/v1/answer", "/v1/answer/batch", "/v1/bundles", "/v1/bundles/{name}", "/v1/feedback"} <= set(
-        paths
-    )
+    assert {"/v1/answer", "/v1/answer/batch", "/v1/bundles", "/v1/bundles/{name}", "/v1/feedback"} <= set(paths)
     assert c.get("/docs").status_code == 200
     assert_error(c.get("/nope"), 404, "not_found_error")
     assert_error(c.get("/v1/answer"), 405)

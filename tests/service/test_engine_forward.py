@@ -76,9 +76,7 @@ def test_mixed_batch_equals_per_bundle_and_per_member(
             torch.testing.assert_close(scores, ref, atol=1e-5, rtol=1e-5)
             for r, slot in enumerate(work.row_slots):  # and each member on its own
                 single = RowWork(work.encoded, work.answer_format, (slot,), work.first_layer)
-                torch.testing.assert_close(
-                    scores[r : r + 1], engine.forward([single])[0], atol=1e-5, rtol=1e-5
-                )
+                torch.testing.assert_close(scores[r : r + 1], engine.forward([single])[0], atol=1e-5, rtol=1e-5)
         i += len(tiny_questions)
     # members really differ from each other and from the base model
     base_rows = RowWork(mixed_items[0].encoded, AnswerFormat.CLOZE, (-1,), 0)
@@ -135,9 +133,7 @@ def test_members_equal_plain_peft(
     from peft import PeftModel
 
     layers, modules, rank = LAYOUTS[name]
-    bundle_maker(
-        bundle_root, name, members=3, layers=layers, modules=modules, rank=rank, temperature=1.7, seed=4
-    )
+    bundle_maker(bundle_root, name, members=3, layers=layers, modules=modules, rank=rank, temperature=1.7, seed=4)
     engine = engine_factory(bundle_root)
 
     async def answer() -> list[Any]:

@@ -27,9 +27,7 @@ def _question(i: int) -> dict[str, Any]:
     }
 
 
-def test_feedback_window_gauges_equal_core_metrics(
-    engine_factory: Any, bundle_maker: Any, bundle_root: Path
-) -> None:
+def test_feedback_window_gauges_equal_core_metrics(engine_factory: Any, bundle_maker: Any, bundle_root: Path) -> None:
     bundle_maker(bundle_root, "b", members=3, scale=0.3)
     engine = engine_factory(bundle_root, preload_bundles=["b"], feedback_window=20, drift_min_samples=5)
     rng = random.Random(0)
@@ -65,9 +63,7 @@ def test_feedback_window_gauges_equal_core_metrics(
         for score, values in live.items():
             ref = refs[score]
             values_t = torch.tensor(values, dtype=torch.float64)
-            assert gauge("uqserve_drift_ks", score=score) == metrics.ks_statistic(
-                values_t, ref.edges, ref.counts
-            )
+            assert gauge("uqserve_drift_ks", score=score) == metrics.ks_statistic(values_t, ref.edges, ref.counts)
             assert gauge("uqserve_drift_psi", score=score) == metrics.psi(values_t, ref.edges, ref.counts)
 
         # late or repeated feedback

@@ -18,9 +18,7 @@ def test_real_smollm2_answer(tmp_path: Path, bundle_maker: Any, settings_factory
 
     base = load_base_model()
     top = base.info.num_layers
-    bundle_maker(
-        tmp_path, "smol", base=base, members=2, layers=(top - 2, top - 1), rank=8, alpha=16.0, scale=0.02
-    )
+    bundle_maker(tmp_path, "smol", base=base, members=2, layers=(top - 2, top - 1), rank=8, alpha=16.0, scale=0.02)
     settings = settings_factory(tmp_path, preload_bundles=["smol"], max_slots=4, torch_threads=None)
     engine = UQEngine(base, settings)
     q = load_questions("arc_easy", "test", limit=1)[0]
