@@ -47,7 +47,8 @@ def laplace_root(tiny_base, tiny_questions, tmp_path_factory) -> Path:
     _export(tiny_base, tiny_questions, root, "tiny-map", members=1)
     _export(tiny_base, tiny_questions, root, "tiny-ens", members=2)
     build_bundle(tiny_base, root / "tiny-map", tiny_questions, tiny_questions, root, "tiny-laplace",
-                 config=CurvatureConfig(batch_size=3), mc_samples=16, weight_samples=2, log=lambda _: None)
+                 config=CurvatureConfig(batch_size=3), mc_samples=16, weight_samples=2, curvature_limit=3,
+                 log=lambda _: None)
     return root
 
 

@@ -91,6 +91,15 @@ class Curvature:
         self._add(self.diag, rec.key_a, jac_a.pow(2).sum(0))
         self._add(self.diag, rec.key_b, jac_b.pow(2).sum(0))
 
+    def rescale(self, num_data: int) -> None:
+        """Scale the sums from a subset of the training set to ``num_data`` questions (the GGN and the NLL
+        are sums over the data; the activation factors are means and stay)."""
+        factor = num_data / max(self.num_data, 1)
+        self.grad = {k: v * factor for k, v in self.grad.items()}
+        self.diag = {k: v * factor for k, v in self.diag.items()}
+        self.nll_sum *= factor
+        self.num_data = num_data
+
     def kron(self) -> LaplacePosterior:
         """The KFAC posterior (prior precision 1 until chosen)."""
         factors: dict[str, Eigen] = {}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -55,6 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Kronecker factors wider than this keep only --low-rank eigenpairs")
     parser.add_argument("--low-rank", type=int, default=defaults.low_rank)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--curvature-limit", type=int, default=None,
+                        help="fit the curvature on a random subset of this many training questions, scaled to all")
     parser.add_argument("--prior", default="marglik", choices=["marglik", "val-nll"],
                         help="prior precision by log marginal likelihood (default) or validation NLL grid")
     parser.add_argument("--structure", default="kron", choices=["kron", "diag", "llla"], help="served posterior")
@@ -93,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
                              batch_size=args.batch_size)
     summary = build_bundle(base, map_path, train, val, Path(args.out), args.name or f"{args.dataset}-laplace",
                            config=config, prior=args.prior, structure=args.structure, link=args.link,
-                           mc_samples=args.mc_samples, weight_samples=args.weight_samples, seed=args.seed)
+                           mc_samples=args.mc_samples, weight_samples=args.weight_samples, seed=args.seed,
+                           curvature_limit=args.curvature_limit)
     summary["seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(summary, indent=2))
     return 0
@@ -102,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
 def build_bundle(base: BaseModel, map_path: Path, train: list[Question], val: list[Question], out: Path,
                  name: str, *, config: CurvatureConfig, prior: str = "marglik", structure: str = "kron",
                  link: str = "probit", mc_samples: int = 32, weight_samples: int = 0, seed: int = 0,
-                 log: Callable[[str], Any] = print) -> dict[str, Any]:
+                 curvature_limit: int | None = None, log: Callable[[str], Any] = print) -> dict[str, Any]:
     """Fit Laplace over the MAP bundle at ``map_path`` and write ``out/name``; returns a summary."""
     started = time.perf_counter()
     map_bundle = read_bundle(map_path, expect_base=base.info)
@@ -116,7 +120,11 @@ def build_bundle(base: BaseModel, map_path: Path, train: list[Question], val: li
     split = min(lora.layers)
     log(f"[laplace] {name}: MAP {map_path}, {len(train)} train / {len(val)} val, {config.model_dump_json()}")
     t0 = time.perf_counter()
-    curv = fit_curvature(scorer, tap, TrunkCache(scorer, train, split, desc="trunk(train)"), config, log)
+    subset = list(train)
+    if curvature_limit is not None and curvature_limit < len(train):
+        subset = random.Random(seed).sample(subset, curvature_limit)
+    curv = fit_curvature(scorer, tap, TrunkCache(scorer, subset, split, desc="trunk(train)"), config, log)
+    curv.rescale(len(train))
     curvature_s = time.perf_counter() - t0
     kron = curv.kron()
     posteriors = {"kron": kron, "diag": curv.diagonal(), "llla": kron.subset(last_layer_keys(kron))}
@@ -165,7 +173,7 @@ def build_bundle(base: BaseModel, map_path: Path, train: list[Question], val: li
         blocks={"kron": kron_table, "diag": diag_table, "llla": {k: kron_table[k] for k in posteriors["llla"].blocks}},
     ).model_dump(mode="json")
     method_config.update(prior_method=prior, evidence=evidence, curvature=config.model_dump(mode="json"),
-                         nll_sum_train=curv.nll_sum, num_data=curv.num_data)
+                         nll_sum_train=curv.nll_sum, num_data=curv.num_data, curvature_questions=len(subset))
     # export: validation calibration of the served probabilities (probit); MI statistics from the joint MC
     val_scores = probs.clamp_min(1e-30).log().float()[:, None, :].expand(-1, len(members), -1)
     written = export_bundle(
