@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# Train the default 5-member LoRA ensemble on the vendored ARC-Easy set (about 10 min on 2 CPU cores).
+# Train the default 5-member LoRA ensemble on the vendored ARC-Easy set (about 18 min on 2 CPU cores).
 $(BUNDLES)/$(DEFAULT_BUNDLE)/manifest.json: | $(STAMP)
 	$(PY) -m uqserve.cli train ensemble --dataset arc_easy --members 5 --out $(BUNDLES) --name $(DEFAULT_BUNDLE)
 

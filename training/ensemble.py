@@ -42,9 +42,9 @@ class EnsembleConfig(BaseModel):
     alpha: float = 32.0
     target_modules: tuple[str, ...] = ALL_MODULES
     top_layers: int = 8  # LoRA on the top k layers (shared trunk below); 0 = every layer (full depth)
-    epochs: float = 1.0
+    epochs: float = 2.0  # members must travel from the prior for the ensemble to disagree (1 epoch: MI ≈ 0.008)
     batch_size: int = 8
-    lr: float = 5e-4
+    lr: float = 1e-3
     prior_precision: float = 2.0  # λ; the seeds' λ/2 = 1
     seed: int = 0
     train_limit: int | None = None
