@@ -108,6 +108,8 @@ def main() -> None:
     parser.add_argument("--map", default=None, help="MAP bundle (for its validation temperature; default: the "
                         "laplace bundle's training.map_bundle)")
     parser.add_argument("--ensemble", default=None)
+    parser.add_argument("--ensemble-metrics", default=None, help="metrics.json of `uqserve eval` for the ensemble on "
+                        "the same split (same metric code; skips rescoring it)")
     parser.add_argument("--dataset", default="arc_easy")
     parser.add_argument("--split", default="test")
     parser.add_argument("--data-dir", default=None)
@@ -156,7 +158,14 @@ def main() -> None:
                 table[f"{name} joint MC S={args.mc_samples}, λ={lam:.3g} ({rule})"] = row(members.mean(1), labels,
                                                                                           members)
     ens = read_bundle(args.ensemble, expect_base=base.info) if args.ensemble else None
-    if ens is not None:
+    if ens is not None and args.ensemble_metrics:
+        done = json.loads(Path(args.ensemble_metrics).read_text())
+        assert done["n"] == len(questions) and done["split"] == args.split, "ensemble metrics of another split"
+        m = len(ens.manifest.members)
+        keys = ("acc", "ece", "nll", "brier", "auroc_mi", "auroc_entropy")
+        table[f"ensemble M={m}"] = {k: done["metrics_uncalibrated"].get(k, math.nan) for k in keys}
+        table[f"ensemble + temperature (T={done['temperature']:.3f}) M={m}"] = {k: done["metrics"][k] for k in keys}
+    elif ens is not None:
         scores = bundle_member_scores(base, ens, questions)
         weights = ens.manifest.weights()
         t_ens = ens.manifest.calibration.temperature
