@@ -38,7 +38,7 @@ from service.engine.errors import (
 )
 from service.engine.forward import MixedForward, RowWork
 from service.engine.monitoring import Monitor
-from service.engine.predictors import Prediction, SlotLoad, predictor_for
+from service.engine.predictors import PREDICTORS, Prediction, SlotLoad, predictor_for
 from service.engine.registry import BundleEntry, Registry, SlotPool
 from service.engine.types import (
     AnswerOptions,
@@ -195,11 +195,15 @@ class UQEngine(Engine):
             return self._status(entry)
 
     async def _activate(self, bundle: Bundle) -> BundleEntry:
-        """Check the bundle fits the engine, fill LoRA slots on the worker thread, build its entry."""
+        """Check the bundle fits the engine, fill its LoRA slots, build its entry."""
+        if bundle.manifest.method not in PREDICTORS:
+            supported = ", ".join(sorted(m.value for m in PREDICTORS))
+            raise BundleRefusedError(f"method {bundle.manifest.method.value!r} has no serving predictor "
+                                     f"(this server serves: {supported})", reason="unsupported_method")
         try:
             predictor = predictor_for(bundle)
-        except LookupError as err:
-            raise BundleRefusedError(str(err), reason="unsupported_method") from None
+        except (LookupError, ValueError) as err:  # the method's own checks (missing artifacts, bad config)
+            raise BundleRefusedError(f"bundle {bundle.manifest.name!r}: {err}", reason="invalid_bundle") from None
         loads = predictor.slot_loads()
         self._check_fit(bundle, loads)
         slots = self.pool.allocate(len(loads))

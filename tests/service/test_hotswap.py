@@ -19,6 +19,7 @@ from service.engine.errors import (
     BundleRefusedError,
     CapacityError,
 )
+from service.engine.predictors import PREDICTORS, EnsemblePredictor
 from service.engine.types import AnswerOptions
 
 Q = Question("Which gas do plants take in?", ("oxygen", "carbon dioxide", "helium"))
@@ -119,10 +120,20 @@ def test_unload_waits_for_in_flight_then_frees_slots(engine_factory: Any, bundle
     asyncio.run(main())
 
 
+class BrokenPredictor(EnsemblePredictor):
+    """Stands in for a method whose own checks reject the bundle (e.g. a missing posterior artifact)."""
+
+    def __init__(self, bundle: Any) -> None:
+        raise LookupError("bundle lacks its method artifact")
+
+
 def test_bad_bundles_are_refused_and_serving_continues(
-    engine_factory: Any, bundle_maker: Any, bundle_root: Path, tiny_base: BaseModel
+    engine_factory: Any, bundle_maker: Any, bundle_root: Path, tiny_base: BaseModel, monkeypatch: Any
 ) -> None:
+    monkeypatch.delitem(PREDICTORS, Method.LAPLACE, raising=False)  # a method without a predictor
+    monkeypatch.setitem(PREDICTORS, Method.MOE, BrokenPredictor)
     bundle_maker(bundle_root, "good", members=2)
+    bundle_maker(bundle_root, "moe", members=2, method=Method.MOE)
     bundle_maker(bundle_root, "too-big", members=2, rank=32)
     bundle_maker(bundle_root, "laplace", members=1, method=Method.LAPLACE)
     other = BaseModel(tiny_base.model, tiny_base.tokenizer, dataclasses.replace(tiny_base.info, weight_hash="0" * 64))
@@ -140,6 +151,7 @@ def test_bad_bundles_are_refused_and_serving_continues(
         cases = {
             "too-big": (BundleRefusedError, "rank"),
             "laplace": (BundleRefusedError, "unsupported_method"),
+            "moe": (BundleRefusedError, "invalid_bundle"),
             "other-base": (BundleIncompatibleError, "incompatible_base"),
             "broken": (BundleRefusedError, "invalid_bundle"),
             "pickled": (BundleRefusedError, "invalid_bundle"),
