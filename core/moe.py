@@ -351,6 +351,20 @@ class MixLora(nn.Module):
         return out
 
 
+def routed_scores(scorer: Any, moe: MixLora, hidden: torch.Tensor, batch: PackedBatch, start: int,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, RoutingRecord]:
+    """Layers ``start..L-1`` with the mixture on packed rows, then the answer head.
+
+    scorer: a :class:`~core.scoring.ChoiceScorer`; hidden [B, T, D] the packed rows entering layer ``start``.
+    Returns (choice scores [Q, K], FEU [Q], token owner [B, T], the routing record); differentiable.
+    """
+    owner = question_token_owner(batch)
+    with moe.active(record=True) as record:
+        hidden = scorer.run_layers(hidden, batch, start, scorer.num_layers)
+    assert record is not None
+    return scorer.head(hidden, batch), record.feu(owner, batch.num_questions), owner, record
+
+
 # --- bundle layout ----------------------------------------------------------------------------------------
 
 

@@ -163,12 +163,19 @@ class AnswerResponse(BaseModel):
     request_id: str
     timings: TimingsOut
     notes: list[str] | None = None
+    # UQ4CT bundles (method moe) only, omitted otherwise: the routers' functional-level confidence in [0, 1]
+    # and its complement, an epistemic uncertainty score usable for abstention (higher = more uncertain)
+    feu: float | None = None
+    one_minus_feu: float | None = None
 
     @model_serializer(mode="wrap")
     def _drop_absent(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         data: dict[str, Any] = handler(self)
         for key in ("members", "notes"):
             if not data.get(key):
+                data.pop(key, None)
+        for key in ("feu", "one_minus_feu"):
+            if data.get(key) is None:
                 data.pop(key, None)
         return data
 
@@ -187,7 +194,8 @@ class AnswerResponse(BaseModel):
             bundle=BundleRefOut(**vars(result.bundle)), request_id=result.request_id,
             timings=TimingsOut(queue_ms=result.timings.queue_ms, forward_ms=result.timings.forward_ms,
                                total_ms=total_ms, batch_rows=result.timings.batch_rows),
-            notes=result.notes or None)
+            notes=result.notes or None, feu=result.feu,
+            one_minus_feu=None if result.feu is None else 1.0 - result.feu)
 
 
 class BatchAnswerResponse(BaseModel):

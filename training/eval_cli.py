@@ -10,7 +10,7 @@ import torch
 
 from core.answers import AnswerFormat
 from core.basemodel import load_base_model
-from core.bundle import read_bundle
+from core.bundle import Method, read_bundle
 from core.datasets import load_questions
 from training.evaluate import bundle_member_scores, evaluate_scores, zero_shot_scores
 
@@ -41,7 +41,12 @@ def run(args: argparse.Namespace) -> int:
     else:
         bundle = read_bundle(args.bundle, expect_base=base.info)
         label = bundle.manifest.name
-        scores = bundle_member_scores(base, bundle, questions)
+        if bundle.manifest.method == Method.MOE:  # UQ4CT: score the routed mixture, not its placeholder member
+            from training.uq4ct import moe_bundle_scores
+
+            scores = moe_bundle_scores(base, bundle, questions)[0][:, None, :]
+        else:
+            scores = bundle_member_scores(base, bundle, questions)
         weights, temperature = bundle.manifest.weights(), bundle.manifest.calibration.temperature
     out = Path(args.out) if args.out else Path("runs") / "eval" / f"{label}-{args.dataset}-{args.split}"
     result = evaluate_scores(scores, labels, weights, temperature, out, f"{label} on {args.dataset}/{args.split}",

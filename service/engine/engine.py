@@ -38,7 +38,7 @@ from service.engine.errors import (
 )
 from service.engine.forward import MixedForward, RowWork
 from service.engine.monitoring import Monitor
-from service.engine.predictors import PREDICTORS, Prediction, SlotLoad, predictor_for
+from service.engine.predictors import PREDICTORS, Prediction, Predictor, SlotLoad, predictor_for
 from service.engine.registry import BundleEntry, Registry, SlotPool
 from service.engine.types import (
     AnswerOptions,
@@ -100,6 +100,8 @@ class UQEngine(Engine):
         await self.batcher.stop()
         self.executor.shutdown(wait=True)
         self.multilora.remove()
+        for entry in self.registry.entries():
+            entry.predictor.detach()
 
     @property
     def ready(self) -> bool:
@@ -164,6 +166,7 @@ class UQEngine(Engine):
             abstain_reasons=reasons, probabilities=prob_list, predictive_entropy=entropy,
             expected_entropy=float(scores.expected_entropy[i]) if prediction.has_mi else None,
             mutual_information=mi, max_probability=max_prob, members=members, thresholds_used=used,
+            feu=None if prediction.feu is None else float(prediction.feu[i]),
             bundle=entry.ref, timings=timings, notes=list(prediction.notes))
 
     # --- bundles --------------------------------------------------------------------------------------
@@ -213,6 +216,11 @@ class UQEngine(Engine):
             self.pool.release(slots)
             raise
         predictor.slots = slots
+        try:  # a method's own hooks (MoE routers/experts) attach on the worker thread, between forwards
+            await self.batcher.run_in_worker(predictor.attach, self.base.model)
+        except BaseException:
+            self.pool.release(slots)
+            raise
         manifest = bundle.manifest
         ref = BundleRef(name=manifest.name, version=manifest.version, method=manifest.method.value,
                         base_model_hash=manifest.base_model.weight_hash,
@@ -247,7 +255,15 @@ class UQEngine(Engine):
 
     def _free_entry(self, entry: BundleEntry) -> None:
         """A retired version has no requests left: its slots return to the pool (the next fill clears them)."""
+        self._detach(entry.predictor)
         self.pool.release(list(entry.slots))
+
+    def _detach(self, predictor: Predictor) -> None:
+        """Remove a freed predictor's own hooks (MoE) on the worker thread, so no running forward loses them."""
+        try:
+            self.executor.submit(predictor.detach)
+        except RuntimeError:  # the executor is shut down: no forward can run any more
+            predictor.detach()
 
     async def unload_bundle(self, name: str) -> BundleStatus:
         async with self._locks[name]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -37,12 +37,14 @@ class Prediction:
     member_probs  [Q, M, K] per-member distributions (None when the method has no members)
     has_mi        False when the method cannot separate epistemic uncertainty (MI reported as null)
     notes         human-readable remarks attached to every answer (e.g. why MI is null)
+    feu           [Q] functional-level confidence of a routed mixture (method moe), else None
     """
 
     scores: UncertaintyScores
     member_probs: torch.Tensor | None
     has_mi: bool = True
     notes: list[str] = field(default_factory=list)
+    feu: torch.Tensor | None = None
 
 
 class Predictor(ABC):
@@ -56,6 +58,14 @@ class Predictor(ABC):
         self.bundle = bundle
         self.manifest = bundle.manifest
         self.slots: list[int] = []  # assigned by the engine, one per entry of slot_loads()
+
+    def attach(self, model: Any) -> None:
+        """Attach method-specific hooks to the base model (engine worker thread, at load); default none."""
+        return None
+
+    def detach(self) -> None:
+        """Remove what :meth:`attach` added (worker thread, when the loaded version is freed); default none."""
+        return None
 
     @abstractmethod
     def slot_loads(self) -> list[SlotLoad]:
@@ -102,10 +112,12 @@ class EnsemblePredictor(Predictor):
 
 
 from service.engine.laplace_predictor import LaplacePredictor  # noqa: E402 - subclasses Predictor above
+from service.engine.moe_predictor import MoePredictor  # noqa: E402 - subclasses Predictor above
 
 PREDICTORS: dict[Method, type[Predictor]] = {
     Method.ENSEMBLE: EnsemblePredictor,
     Method.LAPLACE: LaplacePredictor,
+    Method.MOE: MoePredictor,
 }
 
 

@@ -57,6 +57,7 @@ class AnswerResult:
     bundle: BundleRef
     timings: Timings
     notes: list[str] = field(default_factory=list)
+    feu: float | None = None  # functional-level confidence in [0, 1] (method moe only)
 
 
 @dataclass(frozen=True)
