@@ -7,7 +7,7 @@ the top 8 layers); no training needed.
     PYTHONPATH=. .venv/bin/python benchmarks/bench_serving.py            # CPU, ~3 min
     PYTHONPATH=. .venv/bin/python benchmarks/bench_serving.py --device cuda
 
-Rows of the forward table (one ARC-Easy question, cloze format, M=5):
+Rows of the forward table (one ARC-Easy question, M=5; ``--answer-format cloze`` (default) or ``letter``):
   base_5row_full     one batched 5-row base forward, full depth (no LoRA)
   base_5row_trunk8   same, trunk once + top 8 layers for the 5 rows (no LoRA)
   ens_shared         our M=5 ensemble question: shared trunk (22 layers once) + 5 LoRA rows in the top 8
@@ -55,6 +55,7 @@ from service.engine.forward import MixedForward, RowWork
 from service.settings import Settings
 
 MEMBERS, RANK, TOP = 5, 16, 8
+FMT = AnswerFormat.CLOZE  # set from --answer-format
 ADMIN = "bench-admin-key"
 
 
@@ -73,7 +74,7 @@ def make_bundle(root: Path, base: BaseModel, name: str, seed: int) -> Path:
     manifest = BundleManifest(
         name=name, version=str(seed), method=Method.ENSEMBLE,
         members=tuple(MemberSpec(name=f"m{i}", weight=1.0) for i in range(MEMBERS)),
-        base_model=base_ref(base.info), answer_space=AnswerSpaceSpec(answer_format=AnswerFormat.CLOZE),
+        base_model=base_ref(base.info), answer_space=AnswerSpaceSpec(answer_format=FMT),
         lora=LoraSpec(rank=RANK, alpha=2.0 * RANK, target_modules=ALL_MODULES, layers=layers),
         calibration=Calibration(temperature=1.3, validation_metrics={"ece": 0.05}))
     return write_bundle(root / name, manifest, members)
@@ -103,14 +104,14 @@ def forward_table(base: BaseModel, engine: UQEngine, question: Question, bundle_
     from peft import PeftModel
 
     entry = engine.registry.get("bench")
-    enc = encode_question(base.tokenizer, question, AnswerFormat.CLOZE, 768)
-    item = RowWork(enc, AnswerFormat.CLOZE, tuple(entry.predictor.row_slots()), entry.predictor.first_layer)
+    enc = encode_question(base.tokenizer, question, FMT, 768)
+    item = RowWork(enc, FMT, tuple(entry.predictor.row_slots()), entry.predictor.first_layer)
     full = MixedForward(base.model, base.tokenizer, engine.multilora, shared_trunk=False)
 
     plain = copy.deepcopy(base.model)  # no hooks: the honest base forward
     for hook_owner in plain.modules():
         hook_owner._forward_hooks.clear()
-    plain_scorer = ChoiceScorer(plain, base.tokenizer, AnswerFormat.CLOZE)
+    plain_scorer = ChoiceScorer(plain, base.tokenizer, FMT)
     batch = plain_scorer.pack([question])
     five = torch.zeros(MEMBERS, dtype=torch.long, device=batch.input_ids.device)
     split = base.info.num_layers - TOP
@@ -120,7 +121,7 @@ def forward_table(base: BaseModel, engine: UQEngine, question: Question, bundle_
     peft_model.eval()
     for i in range(1, MEMBERS):
         peft_model.load_adapter(str(members / f"m{i}"), adapter_name=f"m{i}")
-    peft_scorer = ChoiceScorer(peft_model.base_model.model, base.tokenizer, AnswerFormat.CLOZE)
+    peft_scorer = ChoiceScorer(peft_model.base_model.model, base.tokenizer, FMT)
     names = [f"m{i}" for i in range(MEMBERS)]
 
     def peft_loop() -> torch.Tensor:
@@ -155,7 +156,7 @@ def offline_throughput(engine: UQEngine, questions: list[Question], batch_rows: 
     """Questions per second when the engine's forward is fed full batches directly (no HTTP, no asyncio)."""
     entry = engine.registry.get("bench")
     slots, first = tuple(entry.predictor.row_slots()), entry.predictor.first_layer
-    items = [RowWork(encode_question(engine.base.tokenizer, q, AnswerFormat.CLOZE, 768), AnswerFormat.CLOZE,
+    items = [RowWork(encode_question(engine.base.tokenizer, q, FMT, 768), FMT,
                      slots, first) for q in questions]
     per_batch = max(1, batch_rows // len(slots))
     rates = []
@@ -264,8 +265,12 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--questions", type=int, default=128, help="questions sent in the HTTP load test")
     parser.add_argument("--max-batch-rows", type=int, default=64)
+    parser.add_argument("--answer-format", default="cloze", choices=[f.value for f in AnswerFormat],
+                        help="cloze scores every choice token over the vocabulary; letter reads K logits")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = parser.parse_args()
+    global FMT
+    FMT = AnswerFormat(args.answer_format)
 
     base = load_base_model(device=args.device)
     settings = Settings(_env_file=None, preload_bundles=["bench"], admin_key=ADMIN,  # type: ignore[call-arg]
@@ -297,8 +302,8 @@ def main() -> int:
         "ens_full / ens_shared": med["ens_full"] / med["ens_shared"],
         "http_qps / offline_qps": http["load"]["throughput_qps"] / offline,
     }
-    lines = ["", f"SmolLM2-135M, {args.device}, torch threads {torch.get_num_threads()}, M={MEMBERS} "
-             f"r={RANK} top-{TOP} layers, medians of {args.repeats}", "",
+    lines = ["", f"SmolLM2-135M, {args.device}, {FMT.value} format, torch threads {torch.get_num_threads()}, "
+             f"M={MEMBERS} r={RANK} top-{TOP} layers, medians of {args.repeats}", "",
              f"{'forward (1 question)':<24}{'median ms':>12}"]
     lines += [f"{name:<24}{1000 * s:>12.1f}" for name, s in med.items()]
     lines += ["", f"{'ratio':<32}{'value':>8}   target"]
@@ -318,7 +323,7 @@ def main() -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"bench_serving-{args.device}.json"
+    path = out / f"bench_serving-{args.device}-{FMT.value}.json"
     path.write_text(json.dumps({"device": args.device, "torch_threads": torch.get_num_threads(),
                                 "platform": platform.platform(), "cpu_count": os.cpu_count(),
                                 "forward": fwd, "ratios": ratios, "offline_qps": offline, "http": http,
