@@ -216,11 +216,12 @@ class UQEngine(Engine):
             self.pool.release(slots)
             raise
         predictor.slots = slots
-        try:  # a method's own hooks (MoE routers/experts) attach on the worker thread, between forwards
-            await self.batcher.run_in_worker(predictor.attach, self.base.model)
-        except BaseException:
-            self.pool.release(slots)
-            raise
+        if _overrides(predictor, "attach"):
+            try:  # a method's own hooks (MoE routers/experts) attach on the worker thread, between forwards
+                await self.batcher.run_in_worker(predictor.attach, self.base.model)
+            except BaseException:
+                self.pool.release(slots)
+                raise
         manifest = bundle.manifest
         ref = BundleRef(name=manifest.name, version=manifest.version, method=manifest.method.value,
                         base_model_hash=manifest.base_model.weight_hash,
@@ -260,6 +261,8 @@ class UQEngine(Engine):
 
     def _detach(self, predictor: Predictor) -> None:
         """Remove a freed predictor's own hooks (MoE) on the worker thread, so no running forward loses them."""
+        if not _overrides(predictor, "detach"):
+            return
         try:
             self.executor.submit(predictor.detach)
         except RuntimeError:  # the executor is shut down: no forward can run any more
@@ -299,3 +302,9 @@ class UQEngine(Engine):
             out.append(BundleMonitor(bundle=entry.name, validation_ece=validation_ece, window=window,
                                      drift_ks=ks, drift_psi=psi))
         return out
+
+
+def _overrides(predictor: Predictor, method: str) -> bool:
+    """True when the predictor's class replaces a no-op hook of :class:`Predictor` (then it must run on the
+    worker); plain LoRA methods skip the round-trip, so a hot-swap never waits behind a running forward."""
+    return getattr(type(predictor), method) is not getattr(Predictor, method)

@@ -96,6 +96,25 @@ def test_in_flight_request_finishes_on_its_version(engine_factory: Any, bundle_m
     asyncio.run(main())
 
 
+def test_swap_does_not_wait_for_a_running_forward(engine_factory: Any, bundle_maker: Any, bundle_root: Path) -> None:
+    bundle_maker(bundle_root, "swap", members=3, version="1", seed=1)
+    engine = engine_factory(bundle_root)
+    gate = threading.Event()
+
+    async def main() -> None:
+        await engine.start()
+        await engine.load_bundle("swap")
+        blocker = asyncio.create_task(engine.batcher.run_in_worker(gate.wait, 30))  # a long forward
+        bundle_maker(bundle_root, "swap", members=3, version="2", seed=2)
+        status = await asyncio.wait_for(engine.load_bundle("swap"), 10)  # done while the worker is busy
+        assert status.version == "2" and not blocker.done()
+        gate.set()
+        await blocker
+        await engine.stop()
+
+    asyncio.run(main())
+
+
 def test_unload_waits_for_in_flight_then_frees_slots(engine_factory: Any, bundle_maker: Any, bundle_root: Path) -> None:
     bundle_maker(bundle_root, "gone", members=4)
     engine = engine_factory(bundle_root, max_wait_ms=0.0)
