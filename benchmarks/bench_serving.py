@@ -210,7 +210,7 @@ async def http_load(url: str, questions: list[Question], clients: int,
             server_swap_seconds.append(r.json()["seconds"])
 
     limits = httpx.Limits(max_connections=clients + 2, max_keepalive_connections=clients + 2)
-    async with httpx.AsyncClient(timeout=120, limits=limits) as http:
+    async with httpx.AsyncClient(timeout=900, limits=limits) as http:  # > server timeout: count server errors
         start = time.perf_counter()
         tasks = [client(http) for _ in range(clients)] + ([swapper(http)] if swap_at is not None else [])
         await asyncio.gather(*tasks)
