@@ -77,16 +77,20 @@ def _minimize_log_t(objective: Callable[[torch.Tensor], torch.Tensor], method: M
     if method != "golden":
         raise ValueError(f"unknown method {method!r}")
     # golden-section search on [log T_MIN, log T_MAX]; NLL is unimodal in log T (convex in 1/T)
-    inv_phi = (math.sqrt(5.0) - 1.0) / 2.0
-    a, b = lo, hi
-    c, d = b - inv_phi * (b - a), a + inv_phi * (b - a)
 
     def f(x: float) -> float:
         with torch.no_grad():
             return float(objective(torch.tensor(x, dtype=_F)))
 
+    return math.exp(golden_section_minimize(f, lo, hi, tol=1e-7))
+
+
+def golden_section_minimize(f: Callable[[float], float], a: float, b: float, tol: float = 1e-7) -> float:
+    """Argmin of a unimodal ``f`` on ``[a, b]`` by golden-section search, to an interval narrower than ``tol``."""
+    inv_phi = (math.sqrt(5.0) - 1.0) / 2.0
+    c, d = b - inv_phi * (b - a), a + inv_phi * (b - a)
     fc, fd = f(c), f(d)
-    while b - a > 1e-7:
+    while b - a > tol:
         if fc <= fd:
             b, d, fd = d, c, fc
             c = b - inv_phi * (b - a)
@@ -95,7 +99,7 @@ def _minimize_log_t(objective: Callable[[torch.Tensor], torch.Tensor], method: M
             a, c, fc = c, d, fd
             d = a + inv_phi * (b - a)
             fd = f(d)
-    return math.exp((a + b) / 2.0)
+    return (a + b) / 2.0
 
 
 def fit_temperature(scores: torch.Tensor, labels: torch.Tensor, method: Method = "lbfgs") -> float:

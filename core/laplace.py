@@ -32,6 +32,8 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from core.calibration import golden_section_minimize
+
 PROBIT_SCALE = math.pi / 8
 Structure = Literal["kron", "diag", "llla"]
 Link = Literal["probit", "mc", "samples"]
@@ -157,23 +159,11 @@ class LaplacePosterior:
         values = [self.log_marginal_likelihood(lam, nll_sum, sq_norm) for lam in grid]
         best = max(range(len(grid)), key=values.__getitem__)
         a, b = math.log(grid[max(best - 1, 0)]), math.log(grid[min(best + 1, len(grid) - 1)])
-        inv_phi = (math.sqrt(5.0) - 1.0) / 2.0
 
         def f(log_lam: float) -> float:
             return -self.log_marginal_likelihood(math.exp(log_lam), nll_sum, sq_norm)
 
-        c, d = b - inv_phi * (b - a), a + inv_phi * (b - a)
-        fc, fd = f(c), f(d)
-        while b - a > 1e-6:
-            if fc <= fd:
-                b, d, fd = d, c, fc
-                c = b - inv_phi * (b - a)
-                fc = f(c)
-            else:
-                a, c, fc = c, d, fd
-                d = a + inv_phi * (b - a)
-                fd = f(d)
-        lam = math.exp((a + b) / 2.0)
+        lam = math.exp(golden_section_minimize(f, a, b, tol=1e-6))
         return lam, -f(math.log(lam))
 
     # --- functional covariance -----------------------------------------------------------------------

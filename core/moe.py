@@ -32,15 +32,11 @@ import torch
 from torch import nn
 
 from core.answers import AnswerFormat, PackedBatch
-from core.multilora import ATTENTION_MODULES, decoder_layers
+from core.multilora import decoder_layers, parent_name
 
 LOAD_BALANCE_COEF = 1e-2  # the paper's a
 ARTIFACT_ROLE = "moe"
 ARTIFACT_FILE = "moe.safetensors"
-
-
-def _parent_name(module: str) -> str:
-    return "self_attn" if module in ATTENTION_MODULES else "mlp"
 
 
 @dataclass(frozen=True)
@@ -234,7 +230,7 @@ class MixLora(nn.Module):
                 torch.zeros(layout.num_experts, hidden, device=norm.weight.device), requires_grad=False)
             self._handles.append(norm.register_forward_hook(self._router_hook(layer)))
             for name in layout.target_modules:
-                base = getattr(getattr(block, _parent_name(name)), name)
+                base = getattr(getattr(block, parent_name(name)), name)
                 factors = ExpertFactors(base, layout.num_experts, layout.rank)
                 self.experts[f"{layer}_{name}"] = factors
                 self._handles.append(base.register_forward_hook(self._delta_hook(layer, factors)))
@@ -310,7 +306,7 @@ class MixLora(nn.Module):
             yield f"layers.{layer}.router.weight", self.router(layer)
             for name in self.layout.target_modules:
                 factors = self.factors(layer, name)
-                prefix = f"layers.{layer}.{_parent_name(name)}.{name}.experts"
+                prefix = f"layers.{layer}.{parent_name(name)}.{name}.experts"
                 yield f"{prefix}.lora_A", factors.lora_A
                 yield f"{prefix}.lora_B", factors.lora_B
 
@@ -345,7 +341,7 @@ class MixLora(nn.Module):
         for layer in self.layout.layers:
             for name in self.layout.target_modules:
                 factors = self.factors(layer, name)
-                prefix = f"base_model.model.model.layers.{layer}.{_parent_name(name)}.{name}"
+                prefix = f"base_model.model.model.layers.{layer}.{parent_name(name)}.{name}"
                 out[f"{prefix}.lora_A.weight"] = factors.lora_A[expert].detach().float().cpu().contiguous()
                 out[f"{prefix}.lora_B.weight"] = factors.lora_B[expert].detach().float().cpu().contiguous()
         return out

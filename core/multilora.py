@@ -47,7 +47,8 @@ class LoraLayout:
         return min(self.layers)
 
 
-def _parent_name(module: str) -> str:
+def parent_name(module: str) -> str:
+    """The decoder-layer submodule holding a projection: ``self_attn`` or ``mlp``."""
     return "self_attn" if module in ATTENTION_MODULES else "mlp"
 
 
@@ -123,7 +124,7 @@ class MultiLora(nn.Module):
             if not 0 <= layer < len(layers):
                 raise ValueError(f"layer {layer} outside 0..{len(layers) - 1}")
             for name in layout.target_modules:
-                base = getattr(getattr(layers[layer], _parent_name(name)), name)
+                base = getattr(getattr(layers[layer], parent_name(name)), name)
                 factors = SlotFactors(base, num_slots, layout.rank)
                 self.factors[f"{layer}_{name}"] = factors
                 self.factor_map[f"{layer}_{name}"] = factors
@@ -186,7 +187,7 @@ class MultiLora(nn.Module):
         rank = self.layout.rank
         for key, factors in self.factor_map.items():
             layer, name = key.split("_", 1)
-            prefix = f"base_model.model.model.layers.{layer}.{_parent_name(name)}.{name}"
+            prefix = f"base_model.model.model.layers.{layer}.{parent_name(name)}.{name}"
             out[f"{prefix}.lora_A.weight"] = factors.lora_A[slot, :rank].detach().clone().contiguous()
             out[f"{prefix}.lora_B.weight"] = factors.lora_B[slot, :, :rank].detach().clone().contiguous()
         return out
