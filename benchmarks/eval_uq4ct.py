@@ -190,7 +190,7 @@ def main() -> int:
         val_q = load_questions(args.dataset, "validation", args.data_dir)
         train_scorer = ChoiceScorer(train_base.model, train_base.tokenizer, default.answer_format, default.max_tokens)
         trains = Caches(train_scorer, train_q, "train")
-        vals = Caches(eval_scorer, val_q, "validation")
+        vals = evals if args.split == "validation" and args.limit is None else Caches(eval_scorer, val_q, "validation")
         for name, fields in specs:
             lora = bool(fields.pop("lora", 0))
             config = UQ4CTConfig(dataset=args.dataset, **fields)
