@@ -104,6 +104,7 @@ class Thresholds(_Model):
     predictive_entropy: float | None = None
     mutual_information: float | None = None
     one_minus_max_probability: float | None = None
+    one_minus_feu: float | None = None  # method moe only: 1 − FEU, the routers' functional-level uncertainty
     target: str = ""  # how they were chosen, e.g. "risk<=0.2 on validation"
 
 

@@ -60,6 +60,7 @@ class ThresholdsIn(_Request):
     predictive_entropy: float | None = Field(default=None, ge=0)
     mutual_information: float | None = Field(default=None, ge=0)
     one_minus_max_probability: float | None = Field(default=None, ge=0, le=1)
+    one_minus_feu: float | None = Field(default=None, ge=0, le=1)  # moe bundles only; others never trip it
 
 
 class QuestionIn(_Request):
@@ -136,6 +137,7 @@ class ThresholdsUsedOut(BaseModel):
     predictive_entropy: float | None
     mutual_information: float | None
     one_minus_max_probability: float | None
+    one_minus_feu: float | None = None  # moe bundles only
     sources: dict[str, str]  # score → "request" | "bundle" | "settings" | "none"
 
 

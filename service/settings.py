@@ -55,6 +55,7 @@ class Settings(BaseSettings):
     abstain_predictive_entropy: float | None = Field(default=None, ge=0)
     abstain_mutual_information: float | None = Field(default=None, ge=0)
     abstain_one_minus_max_probability: float | None = Field(default=None, ge=0, le=1)
+    abstain_one_minus_feu: float | None = Field(default=None, ge=0, le=1)
 
     @field_validator("preload_bundles", mode="before")
     @classmethod
@@ -77,4 +78,5 @@ class Settings(BaseSettings):
             "predictive_entropy": self.abstain_predictive_entropy,
             "mutual_information": self.abstain_mutual_information,
             "one_minus_max_probability": self.abstain_one_minus_max_probability,
+            "one_minus_feu": self.abstain_one_minus_feu,
         }

@@ -139,9 +139,18 @@ def test_http_answer_has_feu_and_null_mi(root: Path, tiny_base) -> None:
         with TestClient(create_app(settings, engine=engine)) as client:
             moe = client.post("/v1/answer", json={**body, "bundle": "tiny-uq4ct"}).json()
             ens = client.post("/v1/answer", json={**body, "bundle": "tiny-ens"}).json()
+            strict = {"thresholds": {"one_minus_feu": 0.0}}
+            moe_strict = client.post("/v1/answer", json={**body, "bundle": "tiny-uq4ct", **strict}).json()
+            ens_strict = client.post("/v1/answer", json={**body, "bundle": "tiny-ens", **strict}).json()
+            bad = client.post("/v1/answer", json={**body, "bundle": "tiny-uq4ct", "thresholds": {"one_minus_feu": 2}})
     finally:
         engine.multilora.remove()
     assert 0 <= moe["feu"] <= 1 and moe["one_minus_feu"] == pytest.approx(1 - moe["feu"])
     assert moe["mutual_information"] is None and any("mutual_information is null" in n for n in moe["notes"])
     assert abs(sum(moe["probabilities"]) - 1) < 1e-6 and moe["bundle"]["method"] == "moe"
     assert "feu" not in ens and "one_minus_feu" not in ens and ens["mutual_information"] is not None
+    # 1 − FEU is an abstention score: it trips for the routed model, and never for a method without FEU
+    assert moe_strict["abstained"] and moe_strict["abstain_reasons"] == ["one_minus_feu"]
+    assert moe_strict["answer"] is None and moe_strict["thresholds_used"]["sources"]["one_minus_feu"] == "request"
+    assert "one_minus_feu" not in ens_strict["abstain_reasons"]
+    assert bad.status_code == 422 and bad.json()["error"]["param"].endswith("one_minus_feu")

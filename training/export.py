@@ -72,9 +72,14 @@ def export_bundle(*, out_dir: Path, name: str, method: Method, base: BaseModelIn
                   val_labels: torch.Tensor, training: dict[str, Any], data_hashes: dict[str, str],
                   artifacts: dict[str, dict[str, torch.Tensor]] | None = None,
                   artifact_files: dict[str, str] | None = None,
-                  method_config: dict[str, Any] | None = None, fit_temperature: bool = True) -> BundleManifest:
-    """Calibrate on validation and write ``out_dir/name``; returns the manifest written."""
+                  method_config: dict[str, Any] | None = None, fit_temperature: bool = True,
+                  extra_thresholds: Mapping[str, float | None] | None = None) -> BundleManifest:
+    """Calibrate on validation and write ``out_dir/name``; returns the manifest written.
+
+    ``extra_thresholds`` adds method-specific recommendations (e.g. ``one_minus_feu``) to the calibrated ones."""
     calibration, thresholds = calibrate(val_scores, val_labels, weights, fit_temperature)
+    if extra_thresholds:
+        thresholds = thresholds.model_copy(update=dict(extra_thresholds))
     manifest = BundleManifest(
         name=name,
         method=method,

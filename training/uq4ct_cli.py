@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,8 @@ def train_and_export(base: BaseModel, config: UQ4CTConfig, train: list[Question]
             val_cache = TrunkCache(scorer, val, layout.first_layer, desc="trunk(val fp32)")
         val_scores, val_feu = moe_scores(scorer, moe, val_cache, desc="val")
         labels = torch.tensor([q.answer for q in val])
+        summary = feu_summary(val_scores, val_feu, labels)
+        threshold = summary["one_minus_feu_threshold"]
         return export_bundle(
             out_dir=out_dir, name=name, method=Method.MOE, base=eval_base.info,
             lora=LoraSpec(rank=layout.rank, alpha=layout.alpha, target_modules=layout.target_modules,
@@ -115,7 +118,8 @@ def train_and_export(base: BaseModel, config: UQ4CTConfig, train: list[Question]
                       "history": history["history"]},
             data_hashes={"train": data_hash(train), "validation": data_hash(val)},
             artifacts={ARTIFACT_ROLE: tensors}, artifact_files={ARTIFACT_ROLE: ARTIFACT_FILE},
-            method_config=method_config(layout, validation=feu_summary(val_scores, val_feu, labels)),
+            method_config=method_config(layout, validation=summary),
+            extra_thresholds={"one_minus_feu": threshold if math.isfinite(threshold) else None},
         )
     finally:
         moe.remove()

@@ -28,12 +28,16 @@ def resolve_thresholds(request: Mapping[str, float | None], bundle: Thresholds,
 
 
 def abstain_reasons(used: ThresholdsUsed, *, predictive_entropy: float, mutual_information: float | None,
-                    max_probability: float) -> list[str]:
-    """Names of the scores above their thresholds, in THRESHOLD_NAMES order (MI None is never checked)."""
+                    max_probability: float, feu: float | None = None) -> list[str]:
+    """Names of the scores above their thresholds, in THRESHOLD_NAMES order.
+
+    A score the method does not define (MI of a single routed model, FEU of an ensemble: None) never trips.
+    """
     observed = {
         "predictive_entropy": predictive_entropy,
         "mutual_information": mutual_information,
         "one_minus_max_probability": 1.0 - max_probability,
+        "one_minus_feu": None if feu is None else 1.0 - feu,
     }
     reasons = []
     for name in THRESHOLD_NAMES:

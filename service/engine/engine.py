@@ -150,10 +150,11 @@ class UQEngine(Engine):
         entropy = float(scores.predictive_entropy[i])
         mi = float(scores.mutual_information[i]) if prediction.has_mi else None
         max_prob = float(probs.max())
+        feu = None if prediction.feu is None else float(prediction.feu[i])
         used = resolve_thresholds(options.thresholds, entry.predictor.manifest.thresholds,
                                   self.settings.default_thresholds())
         reasons = abstain_reasons(used, predictive_entropy=entropy, mutual_information=mi,
-                                  max_probability=max_prob)
+                                  max_probability=max_prob, feu=feu)
         members = None
         if options.return_members and prediction.member_probs is not None:
             members = prediction.member_probs[i, :, :k].tolist()
@@ -166,7 +167,7 @@ class UQEngine(Engine):
             abstain_reasons=reasons, probabilities=prob_list, predictive_entropy=entropy,
             expected_entropy=float(scores.expected_entropy[i]) if prediction.has_mi else None,
             mutual_information=mi, max_probability=max_prob, members=members, thresholds_used=used,
-            feu=None if prediction.feu is None else float(prediction.feu[i]),
+            feu=feu,
             bundle=entry.ref, timings=timings, notes=list(prediction.notes))
 
     # --- bundles --------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-THRESHOLD_NAMES = ("predictive_entropy", "mutual_information", "one_minus_max_probability")
+THRESHOLD_NAMES = ("predictive_entropy", "mutual_information", "one_minus_max_probability", "one_minus_feu")
 
 
 @dataclass(frozen=True)

@@ -24,11 +24,13 @@ def test_precedence_request_then_bundle_then_settings() -> None:
         "predictive_entropy": 0.3,
         "mutual_information": 0.1,
         "one_minus_max_probability": 0.5,
+        "one_minus_feu": None,
     }
     assert used.sources == {
         "predictive_entropy": "request",
         "mutual_information": "bundle",
         "one_minus_max_probability": "settings",
+        "one_minus_feu": "none",
     }
     none = resolve_thresholds({}, Thresholds(), {})
     assert set(none.values.values()) == {None} and set(none.sources.values()) == {"none"}
@@ -49,6 +51,13 @@ def test_reasons_name_every_tripped_score() -> None:
     ]
     # a method without MI (None) never trips the MI threshold
     assert abstain_reasons(used, predictive_entropy=0.1, mutual_information=None, max_probability=0.9) == []
+    # 1 − FEU (UQ4CT's router confidence) trips only where the method reports FEU
+    feu_used = resolve_thresholds({"one_minus_feu": 0.5}, Thresholds(), {})
+    assert abstain_reasons(feu_used, predictive_entropy=0.1, mutual_information=None, max_probability=0.9,
+                           feu=0.3) == ["one_minus_feu"]
+    assert abstain_reasons(feu_used, predictive_entropy=0.1, mutual_information=None, max_probability=0.9,
+                           feu=0.7) == []
+    assert abstain_reasons(feu_used, predictive_entropy=0.1, mutual_information=0.2, max_probability=0.9) == []
 
 
 def test_engine_abstains_with_bundle_request_and_settings_thresholds(

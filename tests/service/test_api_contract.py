@@ -218,6 +218,7 @@ def test_answer_fields(client: tuple[TestClient, FakeEngine]) -> None:
         "predictive_entropy",
         "mutual_information",
         "one_minus_max_probability",
+        "one_minus_feu",
         "sources",
     }
     assert {"queue_ms", "forward_ms", "total_ms"} <= set(data["timings"])
