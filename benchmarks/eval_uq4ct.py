@@ -155,6 +155,35 @@ def table(results_file: Path) -> str:
     return "\n".join(lines)
 
 
+def seed_table(results_file: Path) -> str:
+    """Mean ± sample sd over seeds of the runs named ``<variant>`` (seed 0) and ``<variant>-s<k>`` (seed k)."""
+    import re
+    import statistics
+
+    rows = [json.loads(line) for line in results_file.read_text().splitlines() if line.strip()]
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(re.sub(r"-s\d+$", "", r["bundle"]), []).append(r)
+    keys = [("acc", "raw"), ("ece", "raw"), ("nll", "raw"), ("brier", "raw"), ("ece", "calibrated"),
+            ("nll", "calibrated"), ("auroc_one_minus_max_prob", "raw")]
+    head = "| variant | seeds | acc | ECE (T=1) | NLL (T=1) | Brier | ECE (T) | NLL (T) | AUROC 1-maxp | AUROC 1-FEU |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for name, rs in groups.items():
+        if len(rs) < 2:
+            continue
+
+        def cell(values: list[float], scale: float = 1.0, digits: int = 3) -> str:
+            mean, sd = statistics.mean(values) * scale, statistics.stdev(values) * scale
+            return f"{mean:.{digits}f} ± {sd:.{digits}f}"
+
+        cells = [cell([r[part][key] for r in rs], *((100.0, 1) if key in ("acc", "ece") else (1.0, 3)))
+                 for key, part in keys]
+        feu = [r["feu"]["auroc_one_minus_feu"] for r in rs if r.get("feu")]
+        cells.append(cell(feu) if len(feu) > 1 else "–")
+        lines.append(f"| {name} | {len(rs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", action="append", default=[], help="NAME:key=value,… (UQ4CTConfig fields)")
@@ -166,10 +195,14 @@ def main() -> int:
     parser.add_argument("--out", default="runs/bundles")
     parser.add_argument("--results", default="runs/uq4ct/results.jsonl")
     parser.add_argument("--table", default=None, help="print the markdown table of a results file and exit")
+    parser.add_argument("--seed-table", default=None, help="print mean ± sd over seeds of a results file and exit")
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args()
     if args.table:
         print(table(Path(args.table)))
+        return 0
+    if args.seed_table:
+        print(seed_table(Path(args.seed_table)))
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
