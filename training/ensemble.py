@@ -20,41 +20,24 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict
 from tqdm.auto import tqdm
 
-from core.answers import DEFAULT_ANSWER_FORMAT, AnswerFormat, Question
-from core.multilora import ALL_MODULES, LoraLayout, MultiLora
+from core.answers import Question
+from core.multilora import LoraLayout, MultiLora
 from core.scoring import ChoiceScorer
+from training.config import AdapterTrainingConfig
 from training.trunk import TrunkCache
 
 
-class EnsembleConfig(BaseModel):
+class EnsembleConfig(AdapterTrainingConfig):
     """Resolved training configuration; saved verbatim in the bundle manifest."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    dataset: str = "arc_easy"
-    base_model: str = "smollm2-135m"
-    answer_format: AnswerFormat = DEFAULT_ANSWER_FORMAT
     members: int = 5
-    rank: int = 16
-    alpha: float = 32.0
-    target_modules: tuple[str, ...] = ALL_MODULES
-    top_layers: int = 8  # LoRA on the top k layers (shared trunk below); 0 = every layer (full depth)
     epochs: float = 2.0  # members must travel from the prior for the ensemble to disagree (1 epoch: MI ≈ 0.008)
-    batch_size: int = 8
     lr: float = 1e-3
     prior_precision: float = 2.0  # λ; the seeds' λ/2 = 1
-    seed: int = 0
-    train_limit: int | None = None
-    val_limit: int | None = None
     early_stopping: bool = False
     eval_every: int = 0  # steps between validation checks when early stopping (0 = once per epoch)
-    max_tokens: int = 768
-    row_tokens: int = 256  # training packs several questions per row up to this many tokens
-    dtype: str = "bfloat16"  # compute dtype of the frozen base during training (LoRA weights stay fp32)
-    threads: int = 0  # torch threads (0 = leave torch's default)
 
     def layout(self, num_layers: int) -> LoraLayout:
         k = num_layers if self.top_layers <= 0 else min(self.top_layers, num_layers)

@@ -15,6 +15,7 @@ from core.bundle import AnswerSpaceSpec, LoraSpec, Method
 from core.datasets import data_hash, load_questions
 from core.multilora import ALL_MODULES
 from core.scoring import ChoiceScorer
+from training.config import AdapterTrainingConfig
 from training.ensemble import EnsembleConfig, member_scores, train_ensemble
 from training.export import export_bundle
 from training.trunk import TrunkCache
@@ -35,23 +36,28 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_common_arguments(parser)
-    defaults = EnsembleConfig()
-    parser.add_argument("--members", type=int, default=defaults.members, help="M (1 = MAP LoRA baseline)")
+def add_adapter_arguments(parser: argparse.ArgumentParser, defaults: AdapterTrainingConfig) -> None:
+    """Adapter shape, layers, optimizer budget and dtype, defaulting to the recipe's config."""
     parser.add_argument("--rank", type=int, default=defaults.rank)
     parser.add_argument("--alpha", type=float, default=defaults.alpha)
     parser.add_argument("--target-modules", default=",".join(ALL_MODULES))
     parser.add_argument("--top-layers", type=int, default=defaults.top_layers,
-                        help="LoRA on the top k layers with a shared frozen trunk (0 = full depth)")
+                        help="adapters on the top k layers with a shared frozen trunk (0 = full depth)")
     parser.add_argument("--epochs", type=float, default=defaults.epochs)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--dtype", default=defaults.dtype, choices=["float32", "bfloat16"],
+                        help="compute dtype of the frozen base while training")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common_arguments(parser)
+    defaults = EnsembleConfig()
+    add_adapter_arguments(parser, defaults)
+    parser.add_argument("--members", type=int, default=defaults.members, help="M (1 = MAP LoRA baseline)")
     parser.add_argument("--prior-precision", type=float, default=defaults.prior_precision, help="λ of the L2 prior")
     parser.add_argument("--early-stopping", action="store_true", help="keep each member's best validation NLL")
     parser.add_argument("--eval-every", type=int, default=0)
-    parser.add_argument("--dtype", default=defaults.dtype, choices=["float32", "bfloat16"],
-                        help="compute dtype of the frozen base while training")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -19,10 +19,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict
 from tqdm.auto import tqdm
 
-from core.answers import DEFAULT_ANSWER_FORMAT, AnswerFormat, Question
+from core.answers import Question
 from core.moe import (
     ARTIFACT_ROLE,
     LOAD_BALANCE_COEF,
@@ -32,44 +31,25 @@ from core.moe import (
     layout_from_manifest,
     routed_scores,
 )
-from core.multilora import ALL_MODULES
 from core.scoring import ChoiceScorer
+from training.config import AdapterTrainingConfig
 from training.trunk import TrunkCache
 
 
-class UQ4CTConfig(BaseModel):
+class UQ4CTConfig(AdapterTrainingConfig):
     """Resolved training configuration; saved verbatim in the bundle manifest.
 
     Defaults fit the CPU budget (about 30 min on ARC-E on 2 cores); the paper's setting is
     ``top_layers=0`` (every layer) with the same N = 8, top-2, rank 16, alpha 32 on all seven projections.
     """
 
-    model_config = ConfigDict(extra="forbid")
-
-    dataset: str = "arc_easy"
-    base_model: str = "smollm2-135m"
-    answer_format: AnswerFormat = DEFAULT_ANSWER_FORMAT
     num_experts: int = 8
     top_k: int = 2
-    rank: int = 16
-    alpha: float = 32.0
-    target_modules: tuple[str, ...] = ALL_MODULES
-    top_layers: int = 8  # experts and routers on the top k layers (shared frozen trunk below); 0 = all
-    epochs: float = 1.0
-    batch_size: int = 8
-    lr: float = 5e-4
     beta: float = 1.0  # weight of L_cal (0 = MixLoRA)
     beta_warmup_steps: int = 0  # > 0: incremental β, min(1, step / w) · β (Eq. 12)
     aux_weight: float = 1.0  # α, the weight of L_b
     load_balance_coef: float = LOAD_BALANCE_COEF  # a inside L_b
     router_init_std: float = 0.02
-    seed: int = 0
-    train_limit: int | None = None
-    val_limit: int | None = None
-    max_tokens: int = 768
-    row_tokens: int = 256
-    dtype: str = "bfloat16"  # compute dtype of the frozen base while training (experts stay fp32)
-    threads: int = 0
 
     def layout(self, num_layers: int) -> MoeLayout:
         k = num_layers if self.top_layers <= 0 else min(self.top_layers, num_layers)

@@ -24,9 +24,8 @@ from core.calibration import choose_thresholds
 from core.datasets import data_hash, load_questions
 from core.metrics import auroc, reliability_bins
 from core.moe import ARTIFACT_FILE, ARTIFACT_ROLE, MixLora, method_config
-from core.multilora import ALL_MODULES
 from core.scoring import ChoiceScorer
-from training.ensemble_cli import add_common_arguments
+from training.ensemble_cli import add_adapter_arguments, add_common_arguments
 from training.export import MIN_COVERAGE, TARGET_RISK, export_bundle
 from training.trunk import TrunkCache
 from training.uq4ct import UQ4CTConfig, moe_scores, train_uq4ct
@@ -37,21 +36,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = UQ4CTConfig()
     parser.add_argument("--experts", type=int, default=d.num_experts, help="N LoRA experts per adapted linear")
     parser.add_argument("--top-k", type=int, default=d.top_k, help="experts kept per token by each router")
-    parser.add_argument("--rank", type=int, default=d.rank)
-    parser.add_argument("--alpha", type=float, default=d.alpha)
-    parser.add_argument("--target-modules", default=",".join(ALL_MODULES))
-    parser.add_argument("--top-layers", type=int, default=d.top_layers,
-                        help="experts and routers on the top k layers, shared frozen trunk below (0 = all layers)")
-    parser.add_argument("--epochs", type=float, default=d.epochs)
-    parser.add_argument("--batch-size", type=int, default=d.batch_size)
-    parser.add_argument("--lr", type=float, default=d.lr)
+    add_adapter_arguments(parser, d)
     parser.add_argument("--beta", type=float, default=d.beta, help="weight of L_cal (0 = plain MixLoRA)")
     parser.add_argument("--beta-warmup-steps", type=int, default=d.beta_warmup_steps,
                         help="incremental β: min(1, step / w) · β (paper: 50); 0 = constant β")
     parser.add_argument("--aux-weight", type=float, default=d.aux_weight, help="α, weight of the load-balance loss")
     parser.add_argument("--load-balance-coef", type=float, default=d.load_balance_coef, help="a inside L_b")
-    parser.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16"],
-                        help="compute dtype of the frozen base while training")
 
 
 def config_from_args(args: argparse.Namespace) -> UQ4CTConfig:
