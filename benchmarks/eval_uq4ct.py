@@ -32,11 +32,10 @@ from core.bundle import AnswerSpaceSpec, LoraSpec, Method, read_bundle
 from core.calibration import apply_temperature
 from core.datasets import data_hash, load_questions
 from core.metrics import auroc, summarize
-from core.multilora import MultiLora
 from core.scoring import ChoiceScorer
 from training.ensemble import member_scores
 from training.evaluate import attach_bundle
-from training.export import export_bundle
+from training.export import calibrate_members, export_bundle
 from training.trunk import TrunkCache
 from training.uq4ct import UQ4CTConfig, attach_moe_bundle, moe_scores, train_uq4ct
 from training.uq4ct_cli import feu_summary, train_and_export
@@ -84,17 +83,13 @@ def train_lora(train_base: BaseModel, eval_base: BaseModel, config: UQ4CTConfig,
     member, layout = moe.expert_peft_state_dict(0), moe.layout
     moe.remove()
     lora = LoraSpec(rank=layout.rank, alpha=layout.alpha, target_modules=layout.target_modules, layers=layout.layers)
-    multilora = MultiLora(eval_base.model, lora.layout(), 1)
-    multilora.load_peft_state_dict(0, member, scaling=layout.scaling)
-    try:
-        val_scorer = ChoiceScorer(eval_base.model, eval_base.tokenizer, config.answer_format, config.max_tokens)
-        scores = member_scores(val_scorer, multilora, [0], val_cache, desc="val")
-    finally:
-        multilora.remove()
-    export_bundle(out_dir=out, name=name, method=Method.ENSEMBLE, base=eval_base.info, lora=lora,
-                  answer_space=AnswerSpaceSpec(answer_format=config.answer_format, max_tokens=config.max_tokens),
+    space = AnswerSpaceSpec(answer_format=config.answer_format, max_tokens=config.max_tokens)
+    calibration, thresholds = calibrate_members(eval_base, name=name, lora=lora, answer_space=space,
+                                                members={"member-0": member}, weights=torch.ones(1),
+                                                val=val_cache.questions)
+    export_bundle(out_dir=out, name=name, method=Method.ENSEMBLE, base=eval_base.info, lora=lora, answer_space=space,
                   members={"member-0": member}, seeds={"member-0": config.seed}, weights=torch.ones(1),
-                  val_scores=scores, val_labels=torch.tensor([q.answer for q in val_cache.questions]),
+                  calibration=calibration, thresholds=thresholds,
                   training={"config": config.model_dump(mode="json"), "steps": log["steps"],
                             "train_seconds": log["seconds"], "history": log["history"], "trained_as": "lora=1"},
                   data_hashes={"train": data_hash(cache.questions), "validation": data_hash(val_cache.questions)})

@@ -95,7 +95,30 @@ class Histogram(_Model):
 class Calibration(_Model):
     temperature: float = Field(default=1.0, gt=0)
     validation_metrics: dict[str, float] = {}
+    undefined_metrics: dict[str, str] = {}  # metric → why it is undefined for this bundle (e.g. MI of one member)
+    dtype: str | None = None  # compute dtype of the base the calibration ran on (the server's; None = unrecorded)
     reference_histograms: dict[str, Histogram] = {}
+
+
+class RuleCalibration(_Model):
+    """How the bundle's served abstention rule was chosen and what it achieved on validation data.
+
+    The rule is "answer iff every set threshold holds". ``coverage`` and ``risk`` (errors among answered)
+    are those of exactly that rule on the ``n`` validation questions; ``met`` says whether it reached
+    ``risk <= target_risk`` at ``coverage >= min_coverage``. When not, no threshold is stored, ``reason``
+    says why and ``best_thresholds`` is the rule that reaches the risk target at ``best_coverage``, if any
+    (a client may send it as request thresholds)."""
+
+    scores: tuple[str, ...]
+    target_risk: float
+    min_coverage: float
+    met: bool
+    coverage: float
+    risk: float
+    n: int
+    reason: str = ""
+    best_thresholds: dict[str, float] | None = None
+    best_coverage: float | None = None
 
 
 class Thresholds(_Model):
@@ -106,6 +129,7 @@ class Thresholds(_Model):
     one_minus_max_probability: float | None = None
     one_minus_feu: float | None = None  # method moe only: 1 − FEU, the routers' functional-level uncertainty
     target: str = ""  # how they were chosen, e.g. "risk<=0.2 on validation"
+    rule: RuleCalibration | None = None  # the calibration of exactly these thresholds together (None: older bundles)
 
 
 class Provenance(_Model):

@@ -1,4 +1,4 @@
-"""Post-hoc calibration: temperature scaling (single model and ensemble) and abstention thresholds.
+"""Post-hoc calibration: temperature scaling (single model and ensemble) and the served abstention rule.
 
 Scores are logits / per-choice scores ``[N, K]`` (or ``[N, M, K]`` per member) with ``-inf`` for absent
 choices; ``softmax(s / T)`` gives them probability 0 at every T. Temperatures are fitted by minimizing
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -136,38 +137,113 @@ def fit_temperature_members(member_scores: torch.Tensor, labels: torch.Tensor,
     return _minimize_log_t(objective, method)
 
 
-def choose_thresholds(scores: Mapping[str, torch.Tensor], correct: torch.Tensor, target_risk: float = 0.2,
-                      min_coverage: float = 0.5) -> dict[str, float | None]:
-    """Abstention threshold per score (keep an item iff score <= t), each chosen independently.
+@dataclass(frozen=True)
+class AbstentionRule:
+    """A served abstention rule and what it achieved on the data it was chosen on.
 
-    For each score [N] the candidates are its distinct values; t keeps ``coverage(t) = #{s <= t} / N`` items
-    with selective risk ``risk(t) = #{errors, s <= t} / #{s <= t}``. Returns the largest t with
-    ``risk(t) <= target_risk`` and ``coverage(t) >= min_coverage``. If no t qualifies, returns the smallest t
-    with ``coverage(t) >= min_coverage`` (the risk target is then missed, but at least min_coverage of the
-    traffic is still answered). Non-finite scores are left out; None when none is finite. correct [N] bool.
+    The server answers a question iff every score in ``thresholds`` is ≤ its threshold (it abstains when
+    any trips). ``coverage`` and ``risk`` are those of exactly that rule on the calibration data; ``met``
+    says whether it reaches ``risk ≤ target_risk`` at ``coverage ≥ min_coverage``. When it cannot,
+    ``thresholds`` is empty (no abstention is served in the bundle's name) and ``reason`` says why, while
+    ``best`` keeps the rule that would reach the risk target at the highest coverage, if any.
     """
+
+    scores: tuple[str, ...]
+    thresholds: dict[str, float]
+    target_risk: float
+    min_coverage: float
+    coverage: float
+    risk: float
+    n: int
+    met: bool
+    reason: str = ""
+    best: dict[str, float] | None = None
+    best_coverage: float | None = None
+
+
+def _candidates(score: torch.Tensor, limit: int) -> torch.Tensor:
+    """Threshold candidates of one score [N]: its distinct finite values (at most ``limit``, by quantile),
+    plus +inf (the score does not restrict)."""
+    values = torch.unique(score[torch.isfinite(score)])
+    if values.numel() > limit:
+        idx = torch.linspace(0, values.numel() - 1, limit).round().long().unique()
+        values = values[idx]
+    return torch.cat([values, torch.tensor([math.inf], dtype=_F)])
+
+
+def calibrate_abstention(scores: Mapping[str, torch.Tensor], correct: torch.Tensor, *, target_risk: float = 0.2,
+                         min_coverage: float = 0.5, max_combinations: int = 50_000) -> AbstentionRule:
+    """Choose the served rule "answer iff score_s ≤ t_s for every s" jointly over the given scores.
+
+    Among all threshold vectors (each score's distinct values, capped by quantiles when the grid would
+    exceed ``max_combinations``, and +inf = unrestricted) it takes the one with the highest coverage whose
+    selective risk (errors among answered / answered) is ≤ ``target_risk``; ties go to the lower risk. With
+    one score the search is exact over every distinct value. Non-finite scores never pass a finite
+    threshold. scores name → [N], correct [N] bool.
+    """
+    names = tuple(scores)
+    if not names:
+        raise ValueError("calibrate_abstention needs at least one score")
     hit = correct.detach().cpu().reshape(-1).bool()
-    out: dict[str, float | None] = {}
-    for name, score in scores.items():
-        s = score.detach().to(device="cpu", dtype=_F).reshape(-1)
-        if s.numel() != hit.numel():
-            raise ValueError(f"score {name!r} has {s.numel()} values for {hit.numel()} labels")
-        keep = torch.isfinite(s)
-        s, errors = s[keep], (~hit[keep]).to(_F)
-        if s.numel() == 0:
-            out[name] = None
-            continue
-        order = torch.argsort(s, stable=True)
-        s, errors = s[order], errors[order]
-        last = torch.cat([s[1:] != s[:-1], torch.tensor([True])])  # a threshold keeps whole tie runs
-        kept = torch.arange(1, s.numel() + 1, dtype=_F)[last]
-        risk = errors.cumsum(0)[last] / kept
-        coverage = kept / s.numel()
-        values = s[last]
-        enough = coverage >= min_coverage - 1e-12
-        ok = enough & (risk <= target_risk + 1e-12)
-        if ok.any():
-            out[name] = float(values[ok].max())
-        else:
-            out[name] = float(values[enough].min())  # the last value always has coverage 1
-    return out
+    n = hit.numel()
+    values = [scores[k].detach().to(device="cpu", dtype=_F).reshape(-1) for k in names]
+    if any(v.numel() != n for v in values) or n == 0:
+        raise ValueError(f"every score needs one value per label ({n} labels)")
+    per_axis = max(2, int(max_combinations ** (1.0 / len(names))))
+    grids = [_candidates(v, per_axis - 1) for v in values]
+    errors = (~hit).to(_F)
+    best_key: tuple[float, float] | None = None
+    best: tuple[float, ...] | None = None
+    best_stats = (0.0, 0.0)
+    # keep[n, c] for each axis, combined by broadcasting over the grid of candidate vectors
+    keeps = [(v[:, None] <= g[None, :]) | torch.isposinf(g)[None, :]  # [N, C_s]; +inf keeps even nan
+             for v, g in zip(values, grids, strict=True)]
+    shape = [g.numel() for g in grids]
+    flat = torch.ones(n, 1, dtype=torch.bool)
+    for axis, keep in enumerate(keeps):
+        flat = (flat[:, :, None] & keep[:, None, :]).reshape(n, -1)
+        if axis == len(keeps) - 1:
+            break
+    kept = flat.sum(0).to(_F)  # [C]
+    wrong = (flat & ~hit[:, None]).sum(0).to(_F)
+    risk = torch.where(kept > 0, wrong / kept.clamp_min(1.0), torch.zeros_like(kept))
+    coverage = kept / n
+    ok = (risk <= target_risk + 1e-12) & (kept > 0)
+    if ok.any():
+        cov_ok = torch.where(ok, coverage, torch.full_like(coverage, -1.0))
+        top = cov_ok.max()
+        ties = torch.nonzero((cov_ok == top) & ok).reshape(-1)
+        ties = ties[risk[ties] == risk[ties].min()]
+        j = int(ties.max())  # the loosest such rule: +inf (unrestricted) and larger thresholds come last
+        idx = list(torch.unravel_index(torch.tensor(j), tuple(shape)))
+        best = tuple(float(g[int(i)]) for g, i in zip(grids, idx, strict=True))
+        best_key = (float(coverage[j]), float(risk[j]))
+        best_stats = best_key
+    chosen = {k: t for k, t in zip(names, best or (), strict=False) if math.isfinite(t)}
+    if best_key is not None and best_key[0] >= min_coverage - 1e-12:
+        return AbstentionRule(scores=names, thresholds=chosen, target_risk=target_risk, min_coverage=min_coverage,
+                              coverage=best_stats[0], risk=best_stats[1], n=n, met=True)
+    overall_risk = float(errors.mean())
+    if best_key is None:
+        reason = (f"no rule on {', '.join(names)} reaches selective risk <= {target_risk} on the calibration data "
+                  f"(n={n}, risk answering all = {overall_risk:.3f})")
+    else:
+        reason = (f"selective risk <= {target_risk} needs coverage {best_stats[0]:.3f} < min_coverage {min_coverage} "
+                  f"on the calibration data (n={n}); no threshold is served")
+    return AbstentionRule(scores=names, thresholds={}, target_risk=target_risk, min_coverage=min_coverage,
+                          coverage=1.0, risk=overall_risk, n=n, met=False, reason=reason,
+                          best=chosen if best_key is not None else None,
+                          best_coverage=best_stats[0] if best_key is not None else None)
+
+
+def rule_outcome(scores: Mapping[str, torch.Tensor], thresholds: Mapping[str, float],
+                 correct: torch.Tensor) -> tuple[float, float]:
+    """(coverage, selective risk) of the served rule "answer iff every score ≤ its threshold" on data:
+    scores name → [N] (scores without a threshold are ignored), correct [N] bool. Risk is 0 when nothing
+    is answered."""
+    hit = correct.detach().cpu().reshape(-1).bool()
+    answered = torch.ones_like(hit)
+    for name, limit in thresholds.items():
+        answered &= scores[name].detach().cpu().to(_F).reshape(-1) <= limit
+    kept = int(answered.sum())
+    return kept / hit.numel(), (float((~hit[answered]).sum()) / kept if kept else 0.0)

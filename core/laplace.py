@@ -17,7 +17,7 @@ Predictive (linearized / GLM). With the choice scores ``f(x; θ)`` [K] and their
 MAP θ*, ``f ~ N(μ = f(x; θ*), Σ_f = J Σ Jᵀ)`` [K, K]; :meth:`LaplacePosterior.covariance` sums
 ``J_W Σ_W J_Wᵀ`` over blocks for a batch of questions. The choice distribution is then either the
 pairwise probit approximation (:func:`probit`) or the mean of
-``softmax(μ + L ε_s)`` over S joint samples, ``L Lᵀ = Σ_f`` (:func:`mc_logits`); the samples also give
+``softmax(μ + Σ_f^{1/2} ε_s)`` over S joint samples (:func:`mc_logits`); the samples also give
 the mutual information through :func:`core.uncertainty.decompose`. :meth:`LaplacePosterior.sample`
 draws whole weight samples θ* + Σ^{1/2} ε (the ensemble-compatible members).
 """
@@ -305,10 +305,14 @@ def standard_normal(samples: int, k: int, seed: int) -> torch.Tensor:
 
 
 def mc_logits(mean: torch.Tensor, cov: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """Joint samples of the linearized scores ``μ + L ε_s`` with ``L Lᵀ = Σ`` (eigen square root, robust
-    to semi-definite Σ). mean [..., K], cov [..., K, K], eps [S, ≥K] → [..., S, K] (−inf stays −inf)."""
+    """Joint samples of the linearized scores ``μ + Σ^{1/2} ε_s`` with the principal (symmetric) square
+    root of Σ (robust to semi-definite Σ). The principal root of a covariance padded with zero rows and
+    columns is the padded root of the unpadded one, so with per-question draws a question's samples do
+    not depend on the batch it rides in. mean [..., K], cov [..., K, K], eps [..., S, K] (or [S, ≥K], one
+    set shared by every question) → [..., S, K]."""
     k = mean.shape[-1]
     values, vectors = torch.linalg.eigh(cov.double())
-    root = vectors * values.clamp_min(0.0).sqrt()[..., None, :]  # [..., K, K]
-    noise = eps[:, :k].to(root) @ root.transpose(-1, -2)  # [..., S, K]
+    root = (vectors * values.clamp_min(0.0).sqrt()[..., None, :]) @ vectors.transpose(-1, -2)  # [..., K, K]
+    e = eps[..., :k].to(root)
+    noise = e @ root.transpose(-1, -2)  # [..., S, K]
     return mean.double()[..., None, :] + noise

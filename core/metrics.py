@@ -162,30 +162,51 @@ def accuracy_at_coverage(score: torch.Tensor, correct: torch.Tensor, coverage: f
 # --- summary --------------------------------------------------------------------------------------------
 
 
+MI_METRICS = ("mutual_information", "expected_entropy", "auroc_mi", "auprc_mi")
+
+
 def summarize(member_probs: torch.Tensor, labels: torch.Tensor,
               weights: torch.Tensor | None = None) -> dict[str, float]:
-    """All metrics for an ensemble. member_probs [N, M, K], labels [N], weights [M] (None = uniform).
+    """All metrics for an ensemble. member_probs [N, M, K], labels [N], weights [M] (None = uniform); one
+    member has no mutual information (its MI metrics are nan). See :func:`summarize_scores`."""
+    u = decompose(_f64(member_probs), None if weights is None else _f64(weights))
+    return summarize_scores(u, labels, has_mi=member_probs.shape[-2] > 1)
+
+
+def summarize_scores(u: UncertaintyScores, labels: torch.Tensor, has_mi: bool = True) -> dict[str, float]:
+    """All metrics of a served predictive ``u`` (probabilities [N, K], scores [N]) against labels [N].
 
     Keys: acc, nll, brier, ece, predictive_entropy / mutual_information / expected_entropy (means over N),
     auroc_{s} and auprc_{s} for s in {entropy, mi, one_minus_max_prob} (errors as positives), aurc (by
-    predictive entropy), acc_at_80_coverage (by predictive entropy), n.
+    predictive entropy), acc_at_80_coverage (by predictive entropy), n. Where the method defines no mutual
+    information (``has_mi`` False) the :data:`MI_METRICS` are nan, never a fake 0 or 0.5.
     """
-    u = decompose(_f64(member_probs), None if weights is None else _f64(weights))
-    probs, y = u.probabilities, labels.long().cpu()
+    probs, y = _f64(u.probabilities), labels.long().cpu()
+    entropy_, mi = _f64(u.predictive_entropy), _f64(u.mutual_information)
     correct = _pred_correct(probs, y)
     out = {"acc": accuracy(probs, y), "nll": nll(probs, y), "brier": brier(probs, y), "ece": ece(probs, y),
-           "predictive_entropy": float(u.predictive_entropy.mean()),
-           "mutual_information": float(u.mutual_information.mean()),
-           "expected_entropy": float(u.expected_entropy.mean())}
-    detectors = {"entropy": u.predictive_entropy, "mi": u.mutual_information,
-                 "one_minus_max_prob": 1.0 - u.max_probability}
+           "predictive_entropy": float(entropy_.mean()),
+           "mutual_information": float(mi.mean()),
+           "expected_entropy": float(_f64(u.expected_entropy).mean())}
+    detectors = {"entropy": entropy_, "mi": mi, "one_minus_max_prob": 1.0 - _f64(u.max_probability)}
     for name, score in detectors.items():
         out[f"auroc_{name}"] = auroc(score, ~correct)
         out[f"auprc_{name}"] = auprc(score, ~correct)
-    out["aurc"] = aurc(u.predictive_entropy, correct)
-    out["acc_at_80_coverage"] = accuracy_at_coverage(u.predictive_entropy, correct, 0.8)
+    out["aurc"] = aurc(entropy_, correct)
+    out["acc_at_80_coverage"] = accuracy_at_coverage(entropy_, correct, 0.8)
     out["n"] = float(y.numel())
+    if not has_mi:
+        out.update(dict.fromkeys(MI_METRICS, math.nan))
     return out
+
+
+def finite_metrics(metrics: dict[str, float], undefined_reason: str) -> tuple[dict[str, float], dict[str, str]]:
+    """Split metrics into (finite values, name → reason for each undefined one). The reason for MI metrics
+    is ``undefined_reason``; other nan metrics (AUROC with one class, …) get a generic one."""
+    values = {k: v for k, v in metrics.items() if math.isfinite(v)}
+    reasons = {k: (undefined_reason if k in MI_METRICS else "undefined on this data (e.g. only one class)")
+               for k, v in metrics.items() if not math.isfinite(v)}
+    return values, reasons
 
 
 # --- reference histograms and drift ---------------------------------------------------------------------

@@ -162,11 +162,17 @@ class MultiLora(nn.Module):
             out.extend((factors.lora_A[slot], factors.lora_B[slot]))
         return out
 
-    def init_for_training(self, slot: int, generator: torch.Generator) -> None:
-        """peft's default init: A ~ Kaiming-uniform(a=√5), B = 0, so training starts at the base model."""
+    def init_for_training(self, slot: int, generator: torch.Generator, scale_a: float = 1.0) -> None:
+        """peft's default init: A ~ Kaiming-uniform(a=√5), B = 0, so training starts at the base model.
+
+        ``scale_a`` multiplies A's bound (1.0 = peft's): B = 0 keeps the start at the base model for any
+        scale, but a larger A spreads the members' random subspaces further apart.
+        """
+        if scale_a <= 0:
+            raise ValueError(f"scale_a must be positive, got {scale_a}")
         for factors in self.factor_map.values():
             fan_in = factors.lora_A.shape[-1]
-            bound = 1.0 / math.sqrt(fan_in)  # kaiming_uniform with a=sqrt(5) gives 1/sqrt(fan_in)
+            bound = scale_a / math.sqrt(fan_in)  # kaiming_uniform with a=sqrt(5) gives 1/sqrt(fan_in)
             with torch.no_grad():
                 factors.lora_A[slot].uniform_(-bound, bound, generator=generator)
                 factors.lora_B[slot].zero_()

@@ -133,12 +133,32 @@ class BundleRefOut(BaseModel):
     calibration_hash: str
 
 
+class CalibratedRuleOut(BaseModel):
+    """The bundle's abstention rule as calibrated on validation: answer iff every score in ``scores`` is at
+    most its threshold. ``coverage`` and ``risk`` (error rate among answered) were measured for exactly that
+    rule on ``n`` validation questions; ``met`` says whether it reached ``target_risk`` at ``min_coverage``.
+    ``as_calibrated`` is false when a request or server setting changed the thresholds applied."""
+
+    scores: list[str]
+    target_risk: float
+    min_coverage: float
+    met: bool
+    coverage: float
+    risk: float
+    n: int
+    reason: str = ""
+    best_thresholds: dict[str, float] | None = None
+    best_coverage: float | None = None
+    as_calibrated: bool
+
+
 class ThresholdsUsedOut(BaseModel):
     predictive_entropy: float | None
     mutual_information: float | None
     one_minus_max_probability: float | None
     one_minus_feu: float | None = None  # moe bundles only
     sources: dict[str, str]  # score → "request" | "bundle" | "settings" | "none"
+    rule: CalibratedRuleOut | None = None  # how the bundle's thresholds were calibrated (null: older bundles)
 
 
 class TimingsOut(BaseModel):
@@ -192,7 +212,8 @@ class AnswerResponse(BaseModel):
             probabilities=result.probabilities, predictive_entropy=result.predictive_entropy,
             expected_entropy=result.expected_entropy, mutual_information=result.mutual_information,
             max_probability=result.max_probability, members=result.members,
-            thresholds_used=ThresholdsUsedOut(**used.values, sources=used.sources),  # type: ignore[arg-type]
+            thresholds_used=ThresholdsUsedOut(**used.values, sources=used.sources,  # type: ignore[arg-type]
+                                              rule=None if used.rule is None else CalibratedRuleOut(**used.rule)),
             bundle=BundleRefOut(**vars(result.bundle)), request_id=result.request_id,
             timings=TimingsOut(queue_ms=result.timings.queue_ms, forward_ms=result.timings.forward_ms,
                                total_ms=total_ms, batch_rows=result.timings.batch_rows),

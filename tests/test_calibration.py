@@ -7,7 +7,13 @@ import math
 import pytest
 import torch
 
-from core.calibration import apply_temperature, choose_thresholds, fit_temperature, fit_temperature_members
+from core.calibration import (
+    apply_temperature,
+    calibrate_abstention,
+    fit_temperature,
+    fit_temperature_members,
+    rule_outcome,
+)
 
 T_TRUE = 2.5
 
@@ -67,36 +73,73 @@ def test_apply_temperature() -> None:
     assert member.shape == (1, 3, 3)
 
 
-def test_choose_thresholds_respects_target_risk() -> None:
+def _naive_best_rule(scores: dict[str, torch.Tensor], correct: torch.Tensor, target_risk: float):
+    """Brute force over every vector of (distinct values ∪ {inf}): (coverage, risk) of the best rule."""
+    import itertools
+
+    names = list(scores)
+    grids = [[*sorted(set(scores[k].tolist())), math.inf] for k in names]
+    best = None
+    for combo in itertools.product(*grids):
+        keep = [all(scores[k][i] <= t for k, t in zip(names, combo, strict=True)) for i in range(len(correct))]
+        kept = sum(keep)
+        if kept == 0:
+            continue
+        risk = sum(1 for i, k in enumerate(keep) if k and not correct[i]) / kept
+        if risk <= target_risk + 1e-12 and (best is None or (kept / len(correct), -risk) > (best[0], -best[1])):
+            best = (kept / len(correct), risk)
+    return best
+
+
+def test_calibrate_abstention_single_score_matches_brute_force() -> None:
     g = torch.Generator().manual_seed(3)
-    n = 4000
+    n = 300
     score = torch.rand(n, generator=g, dtype=torch.float64)
     correct = torch.rand(n, generator=g, dtype=torch.float64) > score * 0.6  # error rate rises with score
-    noise = torch.rand(n, generator=g, dtype=torch.float64)
-    out = choose_thresholds({"good": score, "noise": noise, "rounded": (score * 10).round()}, correct,
-                            target_risk=0.2, min_coverage=0.5)
-    assert list(out) == ["good", "noise", "rounded"]
-    for name, s in (("good", score), ("rounded", (score * 10).round())):
-        t = out[name]
-        assert t is not None
-        kept = s <= t
-        assert kept.double().mean() >= 0.5
-        assert (~correct[kept]).double().mean() <= 0.2
-        # largest: the next distinct value up breaks the target
-        above = s[s > t]
-        if above.numel():
-            kept_next = s <= above.min()
-            assert (~correct[kept_next]).double().mean() > 0.2
-    # noise: overall risk ≈ 0.3 at every coverage → the fallback at min_coverage
-    t = out["noise"]
-    assert t is not None
-    assert (noise <= t).double().mean() == pytest.approx(0.5, abs=1 / n)
-    assert (noise < t).double().mean() < 0.5
+    rule = calibrate_abstention({"good": score}, correct, target_risk=0.2, min_coverage=0.5)
+    coverage, risk = _naive_best_rule({"good": score}, correct, 0.2)
+    assert rule.met and rule.coverage == pytest.approx(coverage) and rule.risk == pytest.approx(risk)
+    # the stated coverage and risk are those of exactly the stored rule, recomputed by a loop
+    kept = [i for i in range(n) if score[i] <= rule.thresholds["good"]]
+    assert len(kept) / n == pytest.approx(rule.coverage)
+    assert sum(not correct[i] for i in kept) / len(kept) == pytest.approx(rule.risk)
+    assert rule_outcome({"good": score}, rule.thresholds, correct) == pytest.approx((rule.coverage, rule.risk))
 
 
-def test_choose_thresholds_edge_cases() -> None:
+def test_calibrate_abstention_joint_rule_matches_brute_force() -> None:
+    g = torch.Generator().manual_seed(5)
+    n = 40
+    a = torch.rand(n, generator=g, dtype=torch.float64).round(decimals=1)
+    b = torch.rand(n, generator=g, dtype=torch.float64).round(decimals=1)
+    correct = torch.rand(n, generator=g, dtype=torch.float64) > (a + b) * 0.4
+    rule = calibrate_abstention({"a": a, "b": b}, correct, target_risk=0.15, min_coverage=0.0)
+    coverage, risk = _naive_best_rule({"a": a, "b": b}, correct, 0.15)
+    assert rule.coverage == pytest.approx(coverage) and rule.risk == pytest.approx(risk)
+    assert rule_outcome({"a": a, "b": b}, rule.thresholds, correct) == pytest.approx((coverage, risk))
+    # the joint rule is at least as good as either score alone
+    for name in ("a", "b"):
+        alone = calibrate_abstention({name: {"a": a, "b": b}[name]}, correct, target_risk=0.15, min_coverage=0.0)
+        assert rule.coverage >= alone.coverage
+
+
+def test_calibrate_abstention_unmet_target_serves_no_threshold() -> None:
+    g = torch.Generator().manual_seed(7)
+    noise = torch.rand(1000, generator=g, dtype=torch.float64)
+    correct = torch.rand(1000, generator=g, dtype=torch.float64) > 0.3  # error rate 0.3 whatever the score
+    rule = calibrate_abstention({"noise": noise}, correct, target_risk=0.2, min_coverage=0.5)
+    assert not rule.met and rule.thresholds == {}
+    assert "min_coverage" in rule.reason or "no rule" in rule.reason
+    assert rule.coverage == 1.0 and rule.risk == pytest.approx(float((~correct).double().mean()))
+    if rule.best is not None:  # a small low-noise corner may reach the risk, at low coverage
+        assert rule.best_coverage is not None and rule.best_coverage < 0.5
+        cov, risk = rule_outcome({"noise": noise}, rule.best, correct)
+        assert cov == pytest.approx(rule.best_coverage) and risk <= 0.2
+
+
+def test_calibrate_abstention_edge_cases() -> None:
     correct = torch.tensor([True, True, False, True])
-    scores = {"all_ok": torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64),
-              "nan": torch.full((4,), math.nan)}
-    out = choose_thresholds(scores, correct, target_risk=0.3, min_coverage=0.5)
-    assert out == {"all_ok": 0.4, "nan": None}  # overall risk 0.25 ≤ 0.3: answer everything
+    ok = calibrate_abstention({"s": torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)}, correct,
+                              target_risk=0.3, min_coverage=0.5)
+    assert ok.met and ok.thresholds == {} and ok.coverage == 1.0  # risk 0.25 ≤ 0.3: answer everything, no limit
+    nan = calibrate_abstention({"s": torch.full((4,), math.nan)}, correct, target_risk=0.3, min_coverage=0.5)
+    assert nan.met and nan.thresholds == {}  # +inf (no restriction) is the loosest rule meeting the target

@@ -12,32 +12,21 @@ import pytest
 import torch
 
 from core.answers import AnswerFormat, Question
-from core.bundle import AnswerSpaceSpec, LoraSpec, Method, read_bundle
+from core.bundle import Method, read_bundle
 from core.laplace import LaplaceConfig, LaplacePosterior, probit
 from core.laplace_tap import LoraTap
 from core.scoring import ChoiceScorer
-from training.ensemble import EnsembleConfig, member_scores, train_ensemble
-from training.export import export_bundle
+from training.ensemble import EnsembleConfig
+from training.ensemble_cli import train_and_export
 from training.laplace import CurvatureConfig, linearized_pass
 from training.laplace_cli import build_bundle
 from training.trunk import TrunkCache
 
 
 def _export(tiny_base, questions: list[Question], root: Path, name: str, members: int) -> Path:
-    scorer = ChoiceScorer(tiny_base.model, tiny_base.tokenizer, AnswerFormat.CLOZE)
     config = EnsembleConfig(members=members, rank=4, alpha=8.0, top_layers=2, epochs=3, batch_size=2, lr=2e-2,
                             dtype="float32", row_tokens=64)
-    multilora, _ = train_ensemble(scorer, config, questions, questions, log=lambda _: None)
-    layout = multilora.layout
-    scores = member_scores(scorer, multilora, range(members), TrunkCache(scorer, questions, layout.first_layer))
-    export_bundle(out_dir=root, name=name, method=Method.ENSEMBLE, base=tiny_base.info,
-                  lora=LoraSpec(rank=layout.rank, alpha=layout.alpha, target_modules=layout.target_modules,
-                                layers=layout.layers),
-                  answer_space=AnswerSpaceSpec(answer_format=AnswerFormat.CLOZE),
-                  members={f"member-{m}": multilora.peft_state_dict(m) for m in range(members)}, seeds={},
-                  weights=torch.full((members,), 1.0 / members), val_scores=scores,
-                  val_labels=torch.tensor([q.answer for q in questions]), training={}, data_hashes={})
-    multilora.remove()
+    train_and_export(tiny_base, config, questions, questions, root, name, log=lambda _: None)
     return root / name
 
 

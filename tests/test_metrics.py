@@ -98,7 +98,11 @@ def test_summarize_keys_and_single_member() -> None:
     assert out["mutual_information"] == pytest.approx(float(u.mutual_information.mean()))
     assert all(isinstance(v, float) for v in out.values())
     single = metrics.summarize(member_probs[:, :1], labels)
-    assert single["mutual_information"] == 0.0 and single["auroc_mi"] == 0.5
+    # one member: MI is undefined, never a fake 0 / 0.5; finite_metrics turns it into null with a reason
+    assert all(math.isnan(single[k]) for k in metrics.MI_METRICS)
+    values, undefined = metrics.finite_metrics(single, "one member")
+    assert set(undefined) == set(metrics.MI_METRICS) and set(undefined.values()) == {"one member"}
+    assert values["acc"] == pytest.approx(metrics.accuracy(member_probs[:, 0], labels))
 
 
 def test_histograms_ks_psi() -> None:

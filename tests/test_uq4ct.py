@@ -9,14 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.answers import AnswerFormat, Question
-from core.bundle import AnswerSpaceSpec, LoraSpec, Method, read_bundle
+from core.answers import Question
+from core.bundle import Method, read_bundle
 from core.calibration import apply_temperature
 from core.multilora import decoder_layers
-from core.scoring import ChoiceScorer
-from training.ensemble import EnsembleConfig, member_scores, train_ensemble
-from training.export import export_bundle
-from training.trunk import TrunkCache
+from training.ensemble import EnsembleConfig
+from training.ensemble_cli import train_and_export as train_and_export_ensemble
 from training.uq4ct import UQ4CTConfig, moe_bundle_scores
 from training.uq4ct_cli import train_and_export
 
@@ -29,19 +27,9 @@ def root(tiny_base, tiny_questions, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("uq4ct-bundles")
     train_and_export(tiny_base, UQ4CTConfig(**CONFIG), tiny_questions, tiny_questions, root, "tiny-uq4ct",
                      log=lambda _: None)
-    scorer = ChoiceScorer(tiny_base.model, tiny_base.tokenizer, AnswerFormat.CLOZE)
     ens = EnsembleConfig(members=2, rank=4, alpha=8.0, top_layers=3, epochs=1, batch_size=2, lr=2e-2,
                          dtype="float32", row_tokens=64)
-    multilora, _ = train_ensemble(scorer, ens, tiny_questions, tiny_questions, log=lambda _: None)
-    layout = multilora.layout
-    scores = member_scores(scorer, multilora, range(2), TrunkCache(scorer, tiny_questions, layout.first_layer))
-    export_bundle(out_dir=root, name="tiny-ens", method=Method.ENSEMBLE, base=tiny_base.info,
-                  lora=LoraSpec(rank=layout.rank, alpha=layout.alpha, target_modules=layout.target_modules,
-                                layers=layout.layers), answer_space=AnswerSpaceSpec(answer_format=AnswerFormat.CLOZE),
-                  members={f"m{m}": multilora.peft_state_dict(m) for m in range(2)}, seeds={},
-                  weights=torch.full((2,), 0.5), val_scores=scores,
-                  val_labels=torch.tensor([q.answer for q in tiny_questions]), training={}, data_hashes={})
-    multilora.remove()
+    train_and_export_ensemble(tiny_base, ens, tiny_questions, tiny_questions, root, "tiny-ens", log=lambda _: None)
     return root
 
 

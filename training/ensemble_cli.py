@@ -6,19 +6,26 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from core.answers import AnswerFormat
-from core.basemodel import load_base_model
-from core.bundle import AnswerSpaceSpec, LoraSpec, Method
+from core.answers import AnswerFormat, Question
+from core.basemodel import BaseModel, load_base_model
+from core.bundle import AnswerSpaceSpec, BundleManifest, LoraSpec, Method
 from core.datasets import data_hash, load_questions
 from core.multilora import ALL_MODULES
 from core.scoring import ChoiceScorer
 from training.config import AdapterTrainingConfig
-from training.ensemble import EnsembleConfig, member_scores, train_ensemble
-from training.export import export_bundle
-from training.trunk import TrunkCache
+from training.ensemble import EnsembleConfig, train_ensemble
+from training.export import (
+    DEFAULT_ABSTAIN_ON,
+    MIN_COVERAGE,
+    TARGET_RISK,
+    calibrate_members,
+    export_bundle,
+    served_base,
+)
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,6 +41,13 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--target-risk", type=float, default=TARGET_RISK,
+                        help="selective risk (error rate among answered) the served abstention rule must reach")
+    parser.add_argument("--min-coverage", type=float, default=MIN_COVERAGE,
+                        help="the served rule must answer at least this fraction of validation questions")
+    parser.add_argument("--abstain-on", default=",".join(DEFAULT_ABSTAIN_ON),
+                        help="comma-separated scores of the served abstention rule, chosen jointly: predictive_entropy,"
+                        " mutual_information, one_minus_max_probability, one_minus_feu (UQ4CT)")
 
 
 def add_adapter_arguments(parser: argparse.ArgumentParser, defaults: AdapterTrainingConfig) -> None:
@@ -56,8 +70,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_adapter_arguments(parser, defaults)
     parser.add_argument("--members", type=int, default=defaults.members, help="M (1 = MAP LoRA baseline)")
     parser.add_argument("--prior-precision", type=float, default=defaults.prior_precision, help="λ of the L2 prior")
+    parser.add_argument("--prior", default=defaults.prior, choices=["delta", "factors"],
+                        help="what the L2 prior is on: the update ΔW = (α/r)·BA per layer, or the factors A and B")
+    parser.add_argument("--init-scale-a", type=float, default=defaults.init_scale_a,
+                        help="multiplier on the bound of A's Kaiming-uniform init (B starts at 0)")
     parser.add_argument("--early-stopping", action="store_true", help="keep each member's best validation NLL")
     parser.add_argument("--eval-every", type=int, default=0)
+
+
+def train_and_export(base: BaseModel, config: EnsembleConfig, train: list[Question], val: list[Question],
+                     out_dir: Path, name: str, *, rule: dict[str, Any] | None = None,
+                     serve_base: BaseModel | None = None, log: Any = print) -> BundleManifest:
+    """Train the members on ``base`` (training dtype), calibrate them on ``serve_base`` (the float32 base the
+    server loads; default ``base``, which must then be float32) as served, and write ``out_dir/name``."""
+    started = time.perf_counter()
+    scorer = ChoiceScorer(base.model, base.tokenizer, config.answer_format, config.max_tokens)
+    multilora, history = train_ensemble(scorer, config, train, val, log=log)
+    layout = multilora.layout
+    members = {f"member-{m}": {k: v.float() for k, v in multilora.peft_state_dict(m).items()}
+               for m in range(config.members)}
+    multilora.remove()
+    lora = LoraSpec(rank=layout.rank, alpha=layout.alpha, target_modules=layout.target_modules, layers=layout.layers)
+    space = AnswerSpaceSpec(answer_format=config.answer_format, max_tokens=config.max_tokens)
+    weights = torch.full((config.members,), 1.0 / config.members)
+    serve_base = serve_base or base
+    calibration, thresholds = calibrate_members(serve_base, name=name, lora=lora, answer_space=space, members=members,
+                                                weights=weights, val=val, **(rule or {}))
+    return export_bundle(
+        out_dir=out_dir, name=name, method=Method.ENSEMBLE, base=serve_base.info, lora=lora, answer_space=space,
+        members=members, seeds={f"member-{m}": config.seed * 1000 + m for m in range(config.members)},
+        weights=weights, calibration=calibration, thresholds=thresholds,
+        training={"config": config.model_dump(mode="json"), "steps": history["steps"],
+                  "train_seconds": history["seconds"], "total_seconds": round(time.perf_counter() - started, 1),
+                  "history": history["history"]},
+        data_hashes={"train": data_hash(train), "validation": data_hash(val)},
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -66,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
         rank=args.rank, alpha=args.alpha, target_modules=tuple(args.target_modules.split(",")),
         top_layers=args.top_layers, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         prior_precision=args.prior_precision, seed=args.seed, train_limit=args.train_limit,
+        prior=args.prior, init_scale_a=args.init_scale_a,
         val_limit=args.val_limit, early_stopping=args.early_stopping, eval_every=args.eval_every,
         threads=args.threads, dtype=args.dtype)
     name = args.name or f"{args.dataset}-{'map' if args.members == 1 else f'ensemble{args.members}'}"
@@ -74,30 +122,14 @@ def run(args: argparse.Namespace) -> int:
     val = load_questions(args.dataset, "validation", args.data_dir, args.val_limit)
     started = time.perf_counter()
     base = load_base_model(args.base_model, dtype=getattr(torch, config.dtype), device=args.device)
-    scorer = ChoiceScorer(base.model, base.tokenizer, config.answer_format, config.max_tokens)
-    multilora, log = train_ensemble(scorer, config, train, val)
-    # Calibrate in float32, the serving dtype.
-    base.model.float()
-    multilora.float()
-    scorer = ChoiceScorer(base.model, base.tokenizer, config.answer_format, config.max_tokens)
-    val_cache = TrunkCache(scorer, val, multilora.layout.first_layer, desc="trunk(val fp32)")
-    val_scores = member_scores(scorer, multilora, range(config.members), val_cache, desc="val")
-    labels = torch.tensor([q.answer for q in val])
-    layout = multilora.layout
-    members = {f"member-{m}": multilora.peft_state_dict(m) for m in range(config.members)}
-    manifest = export_bundle(
-        out_dir=Path(args.out), name=name, method=Method.ENSEMBLE, base=base.info,
-        lora=LoraSpec(rank=layout.rank, alpha=layout.alpha, target_modules=layout.target_modules,
-                      layers=layout.layers),
-        answer_space=AnswerSpaceSpec(answer_format=config.answer_format, max_tokens=config.max_tokens),
-        members=members, seeds={f"member-{m}": config.seed * 1000 + m for m in range(config.members)},
-        weights=torch.full((config.members,), 1.0 / config.members), val_scores=val_scores, val_labels=labels,
-        training={"config": config.model_dump(mode="json"), "steps": log["steps"], "train_seconds": log["seconds"],
-                  "total_seconds": round(time.perf_counter() - started, 1), "history": log["history"]},
-        data_hashes={"train": data_hash(train), "validation": data_hash(val)},
-    )
+    rule = {"target_risk": args.target_risk, "min_coverage": args.min_coverage,
+            "abstain_on": tuple(args.abstain_on.split(","))}
+    manifest = train_and_export(base, config, train, val, Path(args.out), name, rule=rule,
+                                serve_base=served_base(base, args.base_model, args.device) if config.dtype != "float32"
+                                else None)
     print(json.dumps({"bundle": str(Path(args.out) / name), "temperature": manifest.calibration.temperature,
                       "validation": {k: round(v, 4) for k, v in manifest.calibration.validation_metrics.items()
                                      if k in ("acc", "nll", "ece", "brier", "uncalibrated_nll", "uncalibrated_ece")},
+                      "abstention": manifest.thresholds.target,
                       "seconds": round(time.perf_counter() - started, 1)}, indent=2))
     return 0

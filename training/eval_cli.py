@@ -5,14 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from core.answers import AnswerFormat
 from core.basemodel import load_base_model
-from core.bundle import Method, read_bundle
+from core.bundle import read_bundle
 from core.datasets import load_questions
-from training.evaluate import bundle_member_scores, evaluate_scores, zero_shot_scores
+from core.predictive import ensemble_prediction
+from training.evaluate import bundle_predictions, evaluate_prediction, zero_shot_scores
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="output folder (default: runs/eval/<bundle>-<dataset>-<split>)")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--save-scores", default=None, metavar="FILE",
+                        help="also write the served probabilities [N, K], member probabilities [N, S, K] (if any) "
+                             "and labels [N] as safetensors")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -37,26 +42,44 @@ def run(args: argparse.Namespace) -> int:
     base = load_base_model(args.base_model)
     if args.bundle == "base":
         label = f"base-{args.answer_format}"
-        scores, weights, temperature = zero_shot_scores(base, questions, args.answer_format), torch.ones(1), 1.0
+        scores = zero_shot_scores(base, questions, args.answer_format)
+        served, uncalibrated = ensemble_prediction(scores, 1.0, None), None
     else:
         bundle = read_bundle(args.bundle, expect_base=base.info)
         label = bundle.manifest.name
-        if bundle.manifest.method == Method.MOE:  # UQ4CT: score the routed mixture, not its placeholder member
-            from training.uq4ct import moe_bundle_scores
-
-            scores = moe_bundle_scores(base, bundle, questions)[0][:, None, :]
-        else:
-            scores = bundle_member_scores(base, bundle, questions)
-        weights, temperature = bundle.manifest.weights(), bundle.manifest.calibration.temperature
+        served, uncalibrated = bundle_predictions(base, bundle, questions)
     out = Path(args.out) if args.out else Path("runs") / "eval" / f"{label}-{args.dataset}-{args.split}"
-    result = evaluate_scores(scores, labels, weights, temperature, out, f"{label} on {args.dataset}/{args.split}",
-                             plots=not args.no_plots)
-    result.update(bundle=label, dataset=args.dataset, split=args.split, n=len(questions))
+    result = evaluate_prediction(served, labels, out, f"{label} on {args.dataset}/{args.split}",
+                                 uncalibrated=uncalibrated, plots=not args.no_plots)
+    result.update(bundle=label, dataset=args.dataset, split=args.split, n=len(questions),
+                  temperature=1.0 if args.bundle == "base" else bundle.manifest.calibration.temperature)
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    if args.save_scores:
+        _save_scores(Path(args.save_scores), served, labels,
+                     {"bundle": label, "dataset": args.dataset, "split": args.split,
+                      "temperature": str(result["temperature"])})
     keys = ("acc", "nll", "ece", "brier", "auroc_mi", "auroc_entropy", "aurc", "mutual_information")
-    print(json.dumps({"bundle": label, "dataset": args.dataset, "split": args.split, "n": len(questions),
-                      "temperature": round(temperature, 4),
-                      "metrics": {k: round(result["metrics"][k], 4) for k in keys},
-                      "uncalibrated": {k: round(result["metrics_uncalibrated"][k], 4) for k in keys[:4]},
-                      "out": str(out)}, indent=2))
+
+    def rounded(metrics: dict[str, float | None], names: tuple[str, ...]) -> dict[str, float | None]:
+        return {k: None if metrics.get(k) is None else round(float(metrics[k]), 4) for k in names}  # type: ignore[arg-type]
+
+    summary = {"bundle": label, "dataset": args.dataset, "split": args.split, "n": len(questions),
+               "temperature": round(result["temperature"], 4), "metrics": rounded(result["metrics"], keys),
+               "undefined": result["undefined"], "out": str(out)}
+    if "metrics_uncalibrated" in result:
+        summary["uncalibrated"] = rounded(result["metrics_uncalibrated"], keys[:4])
+    print(json.dumps(summary, indent=2))
     return 0
+
+
+def _save_scores(path: Path, served: Any, labels: torch.Tensor, metadata: dict[str, str]) -> None:
+    """``--save-scores FILE``: the served per-question ``probabilities`` [N, K] (zeros for absent choices),
+    ``member_probabilities`` [N, S, K] when the method has members, and ``labels`` [N], as safetensors."""
+    from safetensors.torch import save_file
+
+    tensors = {"probabilities": served.scores.probabilities.double().contiguous(),
+               "labels": labels.long().contiguous()}
+    if served.member_probs is not None:
+        tensors["member_probabilities"] = served.member_probs.double().contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={**metadata, "has_mi": str(bool(served.has_mi))})

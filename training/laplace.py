@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from core.answers import packed_length
 from core.laplace import DiagBlock, Eigen, KronBlock, LaplacePosterior, probit, softmax_hessian_sqrt
 from core.laplace_tap import LoraTap, Record, linearize
+from core.predictive import laplace_outputs, laplace_prediction
 from core.scoring import ChoiceScorer
 from training.trunk import TrunkCache
 
@@ -194,6 +195,23 @@ def probit_nll(mean: torch.Tensor, cov: torch.Tensor, labels: torch.Tensor) -> t
     probs = probit(mean[None].expand(cov.shape[0], -1, -1), cov)  # [G, N, K]
     p_y = probs.gather(-1, labels[None, :, None].expand(cov.shape[0], -1, 1))[..., 0]
     return -p_y.clamp_min(1e-12).log().mean(-1)
+
+
+def predictive_nll(mean: torch.Tensor, cov: torch.Tensor, labels: torch.Tensor, link: str,
+                   eps: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean validation NLL of the served predictive of ``link`` for each of G covariances [G, N, K, K] → [G]:
+    the probit, or (mc, and samples as its linearized proxy) the mean of softmax over the per-question joint
+    draws eps [N, S, K] (see :mod:`core.predictive`)."""
+    if link == "probit":
+        return probit_nll(mean, cov, labels)
+    if eps is None:
+        raise ValueError(f"link {link!r} needs the per-question draws eps")
+    out = []
+    for g in range(cov.shape[0]):
+        prediction = laplace_prediction(laplace_outputs(mean, cov[g], 1.0, eps), "mc")
+        p_y = prediction.scores.probabilities.gather(-1, labels[:, None])[:, 0]
+        out.append(-p_y.clamp_min(1e-12).log().mean())
+    return torch.stack(out)
 
 
 def prior_grid(center: float, decades: float = 4.0, points: int = 25) -> torch.Tensor:

@@ -22,21 +22,22 @@ import torch
 
 from core.answers import Question
 from core.basemodel import BaseModel, load_base_model
-from core.bundle import MANIFEST, AnswerSpaceSpec, Method, read_bundle
+from core.bundle import AnswerSpaceSpec, Method, read_bundle
 from core.calibration import apply_temperature
 from core.datasets import data_hash, load_questions
-from core.laplace import LaplaceConfig, mc_logits, probit, standard_normal
+from core.laplace import LaplaceConfig
 from core.laplace_tap import LoraTap
+from core.predictive import laplace_outputs, laplace_prediction, question_normals
 from core.scoring import ChoiceScorer
 from training.ensemble_cli import add_common_arguments
-from training.export import calibrate, export_bundle
+from training.export import calibrate, calibrate_members, dtype_name, export_bundle
 from training.laplace import (
     CurvatureConfig,
     fit_curvature,
     last_layer_keys,
     linearized_pass,
+    predictive_nll,
     prior_grid,
-    probit_nll,
 )
 from training.trunk import TrunkCache
 
@@ -99,7 +100,9 @@ def run(args: argparse.Namespace) -> int:
     summary = build_bundle(base, map_path, train, val, Path(args.out), args.name or f"{args.dataset}-laplace",
                            config=config, prior=args.prior, structure=args.structure, link=args.link,
                            mc_samples=args.mc_samples, weight_samples=args.weight_samples, seed=args.seed,
-                           curvature_limit=args.curvature_limit)
+                           curvature_limit=args.curvature_limit,
+                           rule={"target_risk": args.target_risk, "min_coverage": args.min_coverage,
+                                 "abstain_on": tuple(args.abstain_on.split(","))})
     summary["seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(summary, indent=2))
     return 0
@@ -108,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
 def build_bundle(base: BaseModel, map_path: Path, train: list[Question], val: list[Question], out: Path,
                  name: str, *, config: CurvatureConfig, prior: str = "val-nll", structure: str = "kron",
                  link: str = "probit", mc_samples: int = 32, weight_samples: int = 0, seed: int = 0,
-                 curvature_limit: int | None = None, log: Callable[[str], Any] = print) -> dict[str, Any]:
+                 curvature_limit: int | None = None, log: Callable[[str], Any] = print,
+                 rule: dict[str, Any] | None = None) -> dict[str, Any]:
     """Fit Laplace over the MAP bundle at ``map_path`` and write ``out/name``; returns a summary."""
     started = time.perf_counter()
     map_bundle = read_bundle(map_path, expect_base=base.info)
@@ -146,64 +150,61 @@ def build_bundle(base: BaseModel, map_path: Path, train: list[Question], val: li
     lin = linearized_pass(scorer, tap, val_cache, {k: (p, grids[k]) for k, p in posteriors.items()},
                           config.batch_size, desc="val")
     labels = torch.tensor([q.answer for q in val])
+    eps = question_normals(val_cache.encoded, seed, mc_samples, lin.mean.shape[-1])  # the server's draws
     chosen: dict[str, float] = {}
     chosen_index: dict[str, int] = {}
     for key in posteriors:
-        nlls = probit_nll(lin.mean, lin.cov[key], labels)
+        # λ by the validation NLL of the predictive that is served (samples: its linearized MC proxy)
+        nlls = predictive_nll(lin.mean, lin.cov[key], labels, link if key == structure else "probit", eps)
         best = int(nlls[:-1].argmin())
         evidence[key].update(val_nll_prior_precision=float(grids[key][best]), val_nll_at_val_best=float(nlls[best]),
-                             val_nll_at_marglik=float(nlls[-1]))
+                             val_nll_at_marglik=float(nlls[-1]), val_nll_link=link if key == structure else "probit")
         chosen_index[key] = -1 if prior == "marglik" else best
         chosen[key] = float(grids[key][chosen_index[key]])
         posteriors[key].prior_precision = chosen[key]
     cov = lin.cov[structure][chosen_index[structure]]  # [N, K, K]
-    probs = probit(lin.mean, cov)
-    samples = mc_logits(lin.mean, cov, standard_normal(mc_samples, lin.mean.shape[-1], seed=seed))  # [N, S, K]
     map_val = _map_metrics(lin.mean, labels)
-    log(f"[laplace] served {structure}/{link} λ = {chosen[structure]:.4g}: val NLL MAP {map_val['nll']:.4f} → "
-        f"probit {float(-probs.gather(1, labels[:, None]).clamp_min(1e-12).log().mean()):.4f}")
     # members: the MAP adapter, then optional weight samples (ensemble-compatible)
     members = {"map": map_tensors}
     generator = torch.Generator().manual_seed(seed + 1)
     for s, drawn in enumerate(posteriors[structure].sample(weights, weight_samples, generator)):
         members[f"sample-{s}"] = {k: v.cpu() for k, v in drawn.items()}
+    sample_names = [m for m in members if m != "map"]
+    space_spec = AnswerSpaceSpec(answer_format=space.answer_format, max_tokens=space.max_tokens)
+    rule = rule or {}
+    # calibration of exactly the served predictive of the chosen link
+    if link == "samples":
+        calibration, thresholds = calibrate_members(
+            base, name=name, lora=lora, answer_space=space_spec, members={m: members[m] for m in sample_names},
+            weights=torch.ones(len(sample_names)), val=val, fit_temperature=False, **rule)
+    else:
+        served = laplace_prediction(laplace_outputs(lin.mean, cov, 1.0, eps), link, f"laplace {structure}/{link}")
+        calibration, thresholds = calibrate(served, labels, dtype=dtype_name(base), **rule)
+    log(f"[laplace] served {structure}/{link} λ = {chosen[structure]:.4g}: val NLL MAP {map_val['nll']:.4f} → "
+        f"{calibration.validation_metrics['nll']:.4f}; abstention: {thresholds.target}")
     kron_tensors, kron_table = posteriors["kron"].to_tensors()
     diag_tensors, diag_table = posteriors["diag"].to_tensors()
     method_config = LaplaceConfig(
         structure=structure, link=link, mc_samples=mc_samples, seed=seed, prior_precision=chosen,  # type: ignore[arg-type]
-        map_member="map", sample_members=[m for m in members if m != "map"],
+        map_member="map", sample_members=sample_names,
         blocks={"kron": kron_table, "diag": diag_table, "llla": {k: kron_table[k] for k in posteriors["llla"].blocks}},
     ).model_dump(mode="json")
     method_config.update(prior_method=prior, evidence=evidence, curvature=config.model_dump(mode="json"),
                          nll_sum_train=curv.nll_sum, num_data=curv.num_data, curvature_questions=len(subset))
-    # export: validation calibration of the served probabilities (probit); MI statistics from the joint MC
-    val_scores = probs.clamp_min(1e-30).log().float()[:, None, :].expand(-1, len(members), -1)
     written = export_bundle(
-        out_dir=out, name=name, method=Method.LAPLACE, base=base.info, lora=lora,
-        answer_space=AnswerSpaceSpec(answer_format=space.answer_format, max_tokens=space.max_tokens),
+        out_dir=out, name=name, method=Method.LAPLACE, base=base.info, lora=lora, answer_space=space_spec,
         members=members, seeds={m: None for m in members}, weights=torch.full((len(members),), 1.0 / len(members)),
-        val_scores=val_scores, val_labels=labels, fit_temperature=False,
+        calibration=calibration, thresholds=thresholds,
         training={"map_bundle": str(map_path), "map_training": manifest.training.get("config", {}),
                   "curvature_seconds": round(curvature_s, 1), "total_seconds": round(time.perf_counter() - started, 1)},
         data_hashes={"train": data_hash(train), "validation": data_hash(val)},
         artifacts={"kfac": kron_tensors, "diag": diag_tensors}, artifact_files=ARTIFACTS, method_config=method_config)
-    mc_cal, mc_thr = calibrate(samples.float(), labels, torch.full((mc_samples,), 1.0 / mc_samples),
-                               fit_temperature=False)
-    cal = written.calibration
-    histograms = {**cal.reference_histograms, "mutual_information": mc_cal.reference_histograms["mutual_information"]}
-    metrics = {**cal.validation_metrics, **{f"mc_{k}": v for k, v in mc_cal.validation_metrics.items()}}
-    for key in ("mutual_information", "auroc_mi", "auprc_mi"):
-        if key in mc_cal.validation_metrics:
-            metrics[key] = mc_cal.validation_metrics[key]
-    patched = written.model_copy(update={
-        "calibration": cal.model_copy(update={"reference_histograms": histograms, "validation_metrics": metrics}),
-        "thresholds": written.thresholds.model_copy(update={"mutual_information": mc_thr.mutual_information}),
-    })
-    (out / name / MANIFEST).write_text(patched.model_dump_json(indent=2))
     read_bundle(out / name, expect_base=base.info)  # validates what was written
+    metrics = written.calibration.validation_metrics
     return {"bundle": str(out / name), "structure": structure, "link": link, "prior_precision": chosen,
             "evidence": evidence, "curvature_seconds": round(curvature_s, 1),
             "val": {k: round(v, 4) for k, v in metrics.items() if k in ("acc", "nll", "ece", "brier", "auroc_mi")},
+            "abstention": written.thresholds.target,
             "map_val_uncalibrated": {k: round(float(v), 4) for k, v in map_val.items()}}
 
 

@@ -3,14 +3,13 @@
 The bundle: ``moe.safetensors`` (artifact role ``moe``) holds every router and expert; the one member
 ``expert-0`` is expert 0 as a plain peft LoRA, present only because a bundle needs a member (see
 :func:`core.moe.method_config`). Temperature, validation metrics and thresholds come from
-:func:`training.export.export_bundle` on the MoE's validation choice scores (one "member").
+:func:`training.export.calibrate` on the served predictive of the MoE on validation (float32 base).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -20,13 +19,14 @@ import torch
 from core.answers import Question
 from core.basemodel import BaseModel, load_base_model
 from core.bundle import AnswerSpaceSpec, BundleManifest, LoraSpec, Method
-from core.calibration import choose_thresholds
+from core.calibration import fit_temperature
 from core.datasets import data_hash, load_questions
 from core.metrics import auroc, reliability_bins
 from core.moe import ARTIFACT_FILE, ARTIFACT_ROLE, MixLora, method_config
+from core.predictive import moe_prediction
 from core.scoring import ChoiceScorer
 from training.ensemble_cli import add_adapter_arguments, add_common_arguments
-from training.export import MIN_COVERAGE, TARGET_RISK, export_bundle
+from training.export import calibrate, dtype_name, export_bundle
 from training.trunk import TrunkCache
 from training.uq4ct import UQ4CTConfig, moe_scores, train_uq4ct
 
@@ -60,24 +60,24 @@ def feu_summary(scores: torch.Tensor, feu: torch.Tensor, labels: torch.Tensor) -
     chosen like the bundle's other thresholds. scores [N, K], feu [N], labels [N]."""
     correct = scores.argmax(-1) == labels
     one_minus = 1.0 - feu
-    threshold = choose_thresholds({"one_minus_feu": one_minus}, correct, TARGET_RISK, MIN_COVERAGE)["one_minus_feu"]
     bins = reliability_bins(feu, correct)
     filled = bins.count > 0
     feu_ece = float((bins.count[filled] / len(feu) * (bins.accuracy[filled] - bins.confidence[filled]).abs()).sum())
     return {"feu_mean": float(feu.mean()), "feu_mean_correct": float(feu[correct].mean()) if correct.any() else 0.0,
             "feu_mean_wrong": float(feu[~correct].mean()) if (~correct).any() else 0.0,
-            "feu_ece": feu_ece, "auroc_one_minus_feu": auroc(one_minus, ~correct),
-            "one_minus_feu_threshold": float("nan") if threshold is None else threshold}
+            "feu_ece": feu_ece, "auroc_one_minus_feu": auroc(one_minus, ~correct)}
 
 
 def train_and_export(base: BaseModel, config: UQ4CTConfig, train: list[Question], val: list[Question],
                      out_dir: Path, name: str, log: Any = print, train_cache: TrunkCache | None = None,
-                     eval_base: BaseModel | None = None, val_cache: TrunkCache | None = None) -> BundleManifest:
+                     eval_base: BaseModel | None = None, val_cache: TrunkCache | None = None,
+                     rule: dict[str, Any] | None = None) -> BundleManifest:
     """Train the mixture on ``base`` (in the training dtype), calibrate on validation, write the bundle.
 
     Calibration runs on ``eval_base`` (the float32 base the server loads; default: ``base`` cast to
     float32), so temperature and thresholds fit exactly what is served. Sweeps pass prebuilt trunk caches:
-    ``train_cache`` of ``base``, ``val_cache`` of ``eval_base``."""
+    ``train_cache`` of ``base``, ``val_cache`` of ``eval_base``. ``rule`` goes to
+    :func:`training.export.calibrate` (target risk, coverage, scores of the served abstention rule)."""
     started = time.perf_counter()
     scorer = ChoiceScorer(base.model, base.tokenizer, config.answer_format, config.max_tokens)
     moe, history = train_uq4ct(scorer, config, train, val, log=log, train_cache=train_cache)
@@ -95,21 +95,23 @@ def train_and_export(base: BaseModel, config: UQ4CTConfig, train: list[Question]
         val_scores, val_feu = moe_scores(scorer, moe, val_cache, desc="val")
         labels = torch.tensor([q.answer for q in val])
         summary = feu_summary(val_scores, val_feu, labels)
-        threshold = summary["one_minus_feu_threshold"]
+        temperature = fit_temperature(val_scores, labels)
+        calibration, thresholds = calibrate(
+            moe_prediction(val_scores, val_feu, temperature), labels, temperature=temperature,
+            uncalibrated=moe_prediction(val_scores, val_feu, 1.0), dtype=dtype_name(eval_base), **(rule or {}))
         return export_bundle(
             out_dir=out_dir, name=name, method=Method.MOE, base=eval_base.info,
             lora=LoraSpec(rank=layout.rank, alpha=layout.alpha, target_modules=layout.target_modules,
                           layers=layout.layers),
             answer_space=AnswerSpaceSpec(answer_format=config.answer_format, max_tokens=config.max_tokens),
             members={"expert-0": moe.expert_peft_state_dict(0)}, seeds={"expert-0": config.seed},
-            weights=torch.ones(1), val_scores=val_scores[:, None, :], val_labels=labels,
+            weights=torch.ones(1), calibration=calibration, thresholds=thresholds,
             training={"config": config.model_dump(mode="json"), "steps": history["steps"],
                       "train_seconds": history["seconds"], "total_seconds": round(time.perf_counter() - started, 1),
                       "history": history["history"]},
             data_hashes={"train": data_hash(train), "validation": data_hash(val)},
             artifacts={ARTIFACT_ROLE: tensors}, artifact_files={ARTIFACT_ROLE: ARTIFACT_FILE},
             method_config=method_config(layout, validation=summary),
-            extra_thresholds={"one_minus_feu": threshold if math.isfinite(threshold) else None},
         )
     finally:
         moe.remove()
@@ -124,7 +126,9 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     base = load_base_model(args.base_model, dtype=getattr(torch, config.dtype), device=args.device)
     eval_base = None if config.dtype == "float32" else load_base_model(args.base_model, device=args.device)
-    manifest = train_and_export(base, config, train, val, Path(args.out), name, eval_base=eval_base)
+    rule = {"target_risk": args.target_risk, "min_coverage": args.min_coverage,
+            "abstain_on": tuple(args.abstain_on.split(","))}
+    manifest = train_and_export(base, config, train, val, Path(args.out), name, eval_base=eval_base, rule=rule)
     metrics = manifest.calibration.validation_metrics
     print(json.dumps({"bundle": str(Path(args.out) / name), "temperature": manifest.calibration.temperature,
                       "validation": {k: round(v, 4) for k, v in metrics.items()

@@ -1,7 +1,9 @@
 """Threshold abstention: abstain when a score exceeds its threshold; reasons name every score that did.
 
 Threshold resolution, per score: the request's value, else the bundle's calibrated recommendation,
-else the server setting; None at every level means that score never triggers abstention.
+else the server setting; None at every level means that score never triggers abstention. The bundle's
+thresholds were calibrated together, as one rule (:class:`core.bundle.RuleCalibration`); the answer says
+whether the rule applied is exactly that one (``as_calibrated``), so its coverage and risk statement holds.
 """
 
 from __future__ import annotations
@@ -24,7 +26,13 @@ def resolve_thresholds(request: Mapping[str, float | None], bundle: Thresholds,
                 break
         else:
             values[name], sources[name] = None, "none"
-    return ThresholdsUsed(values=values, sources=sources)
+    rule = None
+    if bundle.rule is not None:
+        # the served rule is the calibrated one iff every threshold applied is the bundle's own, and all of them
+        as_calibrated = all(sources[n] == "bundle" or (getattr(bundle, n) is None and sources[n] == "none")
+                            for n in THRESHOLD_NAMES)
+        rule = {**bundle.rule.model_dump(mode="json"), "as_calibrated": as_calibrated}
+    return ThresholdsUsed(values=values, sources=sources, rule=rule)
 
 
 def abstain_reasons(used: ThresholdsUsed, *, predictive_entropy: float, mutual_information: float | None,

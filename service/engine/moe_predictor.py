@@ -22,14 +22,13 @@ import torch
 from core.answers import pack_questions
 from core.bundle import Bundle, Method
 from core.moe import ARTIFACT_ROLE, MixLora, MoeLayout, layout_from_manifest, routed_scores
+from core.predictive import MOE_MI_NOTE, moe_prediction
 from core.scoring import ChoiceScorer
-from core.uncertainty import decompose, tempered_probabilities
 from service.engine.errors import BundleRefusedError
 from service.engine.forward import RowWork
 from service.engine.predictors import Prediction, Predictor, SlotLoad
 
-MI_NOTE = ("mutual_information is null: a single routed mixture of LoRA experts (UQ4CT) has no members whose "
-           "disagreement would define it; feu / one_minus_feu carry its functional-level epistemic uncertainty")
+MI_NOTE = MOE_MI_NOTE
 
 
 class MoePredictor(Predictor):
@@ -93,7 +92,4 @@ class MoePredictor(Predictor):
 
     def combine(self, scores: torch.Tensor) -> Prediction:
         """scores [Q, 2, K] from :meth:`forward` (padded with -inf past each K) → Prediction with FEU."""
-        probs = tempered_probabilities(scores[:, 0].double(), self.temperature)  # [Q, K]
-        feu = scores[:, 1, 0].double()
-        return Prediction(scores=decompose(probs[:, None, :]), member_probs=None, has_mi=False, notes=[MI_NOTE],
-                          feu=feu)
+        return moe_prediction(scores[:, 0], scores[:, 1, 0], self.temperature)

@@ -11,13 +11,13 @@ method has no entry is refused at load with a clear error.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
 from core.bundle import Bundle, Method
-from core.uncertainty import UncertaintyScores, decompose, tempered_probabilities
+from core.predictive import BundlePrediction, ensemble_prediction
 from service.engine.forward import CustomForward
 
 
@@ -29,22 +29,8 @@ class SlotLoad:
     scaling: float
 
 
-@dataclass(frozen=True)
-class Prediction:
-    """Combined output for Q questions of one bundle.
-
-    scores        predictive mean and entropy decomposition: probabilities [Q, K], the rest [Q]
-    member_probs  [Q, M, K] per-member distributions (None when the method has no members)
-    has_mi        False when the method cannot separate epistemic uncertainty (MI reported as null)
-    notes         human-readable remarks attached to every answer (e.g. why MI is null)
-    feu           [Q] functional-level confidence of a routed mixture (method moe), else None
-    """
-
-    scores: UncertaintyScores
-    member_probs: torch.Tensor | None
-    has_mi: bool = True
-    notes: list[str] = field(default_factory=list)
-    feu: torch.Tensor | None = None
+Prediction = BundlePrediction
+"""Combined output for Q questions of one bundle (see :class:`core.predictive.BundlePrediction`)."""
 
 
 class Predictor(ABC):
@@ -107,8 +93,7 @@ class EnsemblePredictor(Predictor):
         return list(self.slots)
 
     def combine(self, scores: torch.Tensor) -> Prediction:
-        member_probs = tempered_probabilities(scores.double(), self.temperature)  # [Q, M, K]
-        return Prediction(scores=decompose(member_probs, self.weights.double()), member_probs=member_probs)
+        return ensemble_prediction(scores, self.temperature, self.weights)  # scores [Q, M, K]
 
 
 from service.engine.laplace_predictor import LaplacePredictor  # noqa: E402 - subclasses Predictor above

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 THRESHOLD_NAMES = ("predictive_entropy", "mutual_information", "one_minus_max_probability", "one_minus_feu")
 
@@ -30,6 +31,7 @@ class BundleRef:
 class ThresholdsUsed:
     values: dict[str, float | None]  # name → threshold (None = not applied)
     sources: dict[str, str]  # name → "request" | "bundle" | "settings"
+    rule: dict[str, Any] | None = None  # the bundle's calibrated rule (RuleCalibration) + "as_calibrated"
 
 
 @dataclass(frozen=True)

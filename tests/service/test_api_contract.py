@@ -220,6 +220,7 @@ def test_answer_fields(client: tuple[TestClient, FakeEngine]) -> None:
         "one_minus_max_probability",
         "one_minus_feu",
         "sources",
+        "rule",
     }
     assert {"queue_ms", "forward_ms", "total_ms"} <= set(data["timings"])
     with_members = c.post("/v1/answer", json=body(return_members=True)).json()
