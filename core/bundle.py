@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from core.answers import DEFAULT_ANSWER_FORMAT, PROMPT_VERSION, AnswerFormat
 from core.basemodel import BaseModelInfo
+from core.drift import DriftReference
 from core.errors import BundleError, IncompatibleBundleError
 from core.multilora import LoraLayout, layout_of_peft_tensors
 
@@ -98,6 +99,7 @@ class Calibration(_Model):
     undefined_metrics: dict[str, str] = {}  # metric → why it is undefined for this bundle (e.g. MI of one member)
     dtype: str | None = None  # compute dtype of the base the calibration ran on (the server's; None = unrecorded)
     reference_histograms: dict[str, Histogram] = {}
+    drift: DriftReference | None = None  # no-drift alarm thresholds (core.drift); None: older bundles
 
 
 class RuleCalibration(_Model):

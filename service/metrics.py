@@ -2,7 +2,9 @@
 
 Counters and histograms are updated as requests happen; gauges that describe engine state (queue
 depth, loaded bundles, feedback-window calibration, label-free drift) are computed at scrape time by
-:class:`EngineCollector`, so a bundle's series disappear when it is unloaded. ``bundle`` labels only
+:class:`EngineCollector`, so a bundle's series disappear when it is unloaded. Every drift statistic has a
+``*_threshold`` gauge with the same labels, its no-drift alarm threshold at the current window fill
+(:mod:`core.drift`); the alert rules compare the two, so no margin is hard-coded in PromQL. ``bundle`` labels only
 ever hold loaded bundle names (``_unknown`` for requests naming a bundle that is not loaded).
 """
 
@@ -119,28 +121,40 @@ class EngineCollector(Collector):
         yield _gauge("uqserve_bundles_loaded", "Loaded bundles", [], [([], len(engine.bundles()))])
         window: dict[str, list[tuple[list[str], float]]] = {k: [] for k in
                                                               ("labelled", "accuracy", "ece", "brier", "nll")}
-        validation: list[tuple[list[str], float]] = []
-        ks: list[tuple[list[str], float]] = []
-        psi: list[tuple[list[str], float]] = []
+        samples: dict[str, list[tuple[list[str], float]]] = {k: [] for k in
+                                                               ("validation", "ece_threshold", "ks", "psi",
+                                                                "ks_threshold", "psi_threshold")}
         for m in monitors:
             if m.validation_ece is not None:
-                validation.append(([m.bundle], m.validation_ece))
+                samples["validation"].append(([m.bundle], m.validation_ece))
             if m.window is not None:
                 for key in window:
                     window[key].append(([m.bundle], float(getattr(m.window, key))))
-            ks.extend(([m.bundle, score], value) for score, value in m.drift_ks.items())
-            psi.extend(([m.bundle, score], value) for score, value in m.drift_psi.items())
+                if m.window.ece_threshold is not None:
+                    samples["ece_threshold"].append(([m.bundle], m.window.ece_threshold))
+            for key, per_score in (("ks", m.drift_ks), ("psi", m.drift_psi), ("ks_threshold", m.drift_ks_threshold),
+                                   ("psi_threshold", m.drift_psi_threshold)):
+                samples[key].extend(([m.bundle, score], value) for score, value in per_score.items())
         helps = {"labelled": "Labelled answers in the feedback window", "accuracy": "Window accuracy",
                  "ece": "Window expected calibration error (15 bins)",
                  "brier": "Window multi-class Brier score", "nll": "Window negative log-likelihood (nats)"}
-        for key, samples in window.items():
-            yield _gauge(f"uqserve_window_{key}", helps[key], ["bundle"], samples)
+        for key, rows in window.items():
+            yield _gauge(f"uqserve_window_{key}", helps[key], ["bundle"], rows)
+        yield _gauge("uqserve_window_ece_threshold",
+                     "No-drift alarm threshold for uqserve_window_ece at the current labelled count: validation "
+                     "ECE + the alarm quantile (99.9 % by default) of its bootstrap no-drift excess",
+                     ["bundle"], samples["ece_threshold"])
         yield _gauge("uqserve_validation_ece", "ECE on validation data, from the bundle manifest", ["bundle"],
-                     validation)
+                     samples["validation"])
         yield _gauge("uqserve_drift_ks", "KS statistic of live scores vs the bundle's reference histogram",
-                     ["bundle", "score"], ks)
+                     ["bundle", "score"], samples["ks"])
         yield _gauge("uqserve_drift_psi", "PSI of live scores vs the bundle's reference histogram",
-                     ["bundle", "score"], psi)
+                     ["bundle", "score"], samples["psi"])
+        for stat in ("ks", "psi"):
+            yield _gauge(f"uqserve_drift_{stat}_threshold",
+                         f"No-drift alarm threshold for uqserve_drift_{stat} at the current live-window fill "
+                         "(the alarm quantile, 99.9 % by default, of its bootstrap no-drift distribution)",
+                         ["bundle", "score"], samples[f"{stat}_threshold"])
 
 
 def _gauge(name: str, documentation: str, labels: list[str], samples: list[tuple[list[str], Any]]) -> Metric:

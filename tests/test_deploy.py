@@ -46,8 +46,11 @@ METRICS: dict[str, tuple[str, set[str]]] = {
     "uqserve_window_brier": ("gauge", {"bundle"}),
     "uqserve_window_nll": ("gauge", {"bundle"}),
     "uqserve_validation_ece": ("gauge", {"bundle"}),
+    "uqserve_window_ece_threshold": ("gauge", {"bundle"}),
     "uqserve_drift_ks": ("gauge", {"bundle", "score"}),
     "uqserve_drift_psi": ("gauge", {"bundle", "score"}),
+    "uqserve_drift_ks_threshold": ("gauge", {"bundle", "score"}),
+    "uqserve_drift_psi_threshold": ("gauge", {"bundle", "score"}),
 }
 # Closed label-value sets, per metric (bundle, endpoint and load-failure reason are open).
 LABEL_VALUES: dict[tuple[str, str], set[str]] = {
@@ -55,12 +58,12 @@ LABEL_VALUES: dict[tuple[str, str], set[str]] = {
     ("uqserve_abstentions_total", "reason"): {"predictive_entropy", "mutual_information",
                                               "one_minus_max_probability"},
     ("uqserve_feedback_total", "result"): {"joined", "unknown_request", "duplicate"},
-    ("uqserve_drift_ks", "score"): {"confidence", "predictive_entropy", "mutual_information"},
-    ("uqserve_drift_psi", "score"): {"confidence", "predictive_entropy", "mutual_information"},
+    **{(f"uqserve_drift_{stat}{suffix}", "score"): {"confidence", "predictive_entropy", "mutual_information"}
+       for stat in ("ks", "psi") for suffix in ("", "_threshold")},
 }
 TARGET_LABELS = {"job", "instance"}
-ALERTS = {"CalibrationDrift", "AbstentionRateJump", "ConfidenceShift", "HighErrorRate", "QueueSaturation",
-          "HighLatency", "ServiceDown"}
+ALERTS = {"CalibrationDrift", "AbstentionRateJump", "ScoreShiftKS", "ScoreShiftPSI", "HighErrorRate",
+          "QueueSaturation", "HighLatency", "ServiceDown"}
 # Grafana variables -> something PromQL parses, for promtool.
 GRAFANA_VARS = {"$__rate_interval": "1m", "$__interval": "1m", "$__range": "1h", "$bundle": ".*",
                 "$instance": ".*"}
@@ -174,10 +177,12 @@ def test_alert_rules_complete_and_use_known_metrics() -> None:
         assert rule.get("for"), name
         check_promql(rule["expr"], name)
         check_promql(rule["annotations"]["description"], f"{name} description")
-    drift = rules["CalibrationDrift"]
-    assert re.search(r"uqserve_validation_ece \+ 0\.05\s+# calibration margin", drift["expr"])
-    assert "uqserve_window_labelled >= 100" in drift["expr"] and drift["for"] == "15m"
-    assert 'uqserve_drift_ks{score="confidence"}' in rules["ConfidenceShift"]["expr"]
+    # drift alerts: the statistic against its no-drift threshold gauge, never a fixed margin
+    for alert, stat in (("CalibrationDrift", "uqserve_window_ece"), ("ScoreShiftKS", "uqserve_drift_ks"),
+                        ("ScoreShiftPSI", "uqserve_drift_psi")):
+        expr = rules[alert]["expr"]
+        assert re.fullmatch(rf"\s*{stat}\s+> {stat}_threshold\s+#[^\n]*\s*", expr), (alert, expr)
+        assert rules[alert]["for"] == "15m"
     assert "offset 10m" in rules["AbstentionRateJump"]["expr"]
     assert "histogram_quantile(0.95" in rules["HighLatency"]["expr"]
 

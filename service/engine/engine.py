@@ -37,7 +37,7 @@ from service.engine.errors import (
     RequestTimeoutError,
 )
 from service.engine.forward import MixedForward, RowWork
-from service.engine.monitoring import Monitor
+from service.engine.monitoring import Monitor, drift_reference
 from service.engine.predictors import PREDICTORS, Prediction, Predictor, SlotLoad, predictor_for
 from service.engine.registry import BundleEntry, Registry, SlotPool
 from service.engine.types import (
@@ -190,10 +190,10 @@ class UQEngine(Engine):
             if bundle.manifest.name != name:
                 raise BundleRefusedError(f"directory {name!r} holds bundle {bundle.manifest.name!r}",
                                          reason="invalid_bundle")
+            reference = await asyncio.to_thread(drift_reference, bundle.manifest.calibration)
             entry = await self._activate(bundle)
             old = self.registry.install(entry)
-            self.monitoring.start_bundle(name, entry.generation,
-                                         dict(bundle.manifest.calibration.reference_histograms))
+            self.monitoring.start_bundle(name, entry.generation, reference)
             log.info("%s bundle %s v%s (%d slots) in %.3f s", "replaced" if old else "loaded", name,
                      entry.ref.version, len(entry.slots), time.perf_counter() - started)
             return self._status(entry)
@@ -295,14 +295,8 @@ class UQEngine(Engine):
         return self.monitoring.feedback(request_id, correct_index)
 
     def monitor(self) -> list[BundleMonitor]:
-        out = []
-        for entry in self.registry.entries():
-            ks, psi = self.monitoring.drift(entry.name)
-            validation_ece = entry.predictor.manifest.calibration.validation_metrics.get("ece")
-            window = self.monitoring.window_stats(entry.name)
-            out.append(BundleMonitor(bundle=entry.name, validation_ece=validation_ece, window=window,
-                                     drift_ks=ks, drift_psi=psi))
-        return out
+        return [self.monitoring.snapshot(entry.name, entry.predictor.manifest.calibration.validation_metrics.get("ece"))
+                for entry in self.registry.entries()]
 
 
 def _overrides(predictor: Predictor, method: str) -> bool:

@@ -4,27 +4,70 @@
   probabilities [K]); ``POST /v1/feedback`` joins a label to one of them.
 - Per bundle, the last ``window`` labelled requests give accuracy, ECE, Brier and NLL.
 - Per bundle, the last ``drift_window`` live answers (confidence, entropy, MI) are compared with the
-  manifest's reference histograms by KS statistic and PSI.
+  bundle's drift reference histograms by KS statistic and PSI.
+- Each statistic comes with its no-drift alarm threshold at the current window fill, read from the
+  bundle's :class:`~core.drift.DriftReference` (``manifest.calibration.drift``, bootstrapped at export).
+  A bundle exported without one gets :func:`core.drift.fallback_drift_reference` from its manifest's
+  equal-width histograms and validation ECE, built once per calibration off the event loop
+  (:func:`drift_reference`), so no comparison is ever against a bias-blind fixed margin.
 
 Windows belong to one loaded version (``generation``): loading a new version starts fresh windows, and
 labels that arrive late for an older version are joined but not counted in the new version's window.
-Everything here runs on the event-loop thread.
+Everything here except :func:`drift_reference` runs on the event-loop thread and costs O(window) per
+scrape: threshold look-ups are interpolations in a small table, never a bootstrap.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import math
+import threading
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 import torch
 
 from core import metrics
-from core.bundle import Histogram
+from core.bundle import Calibration
+from core.drift import SCORES as DRIFT_SCORES
+from core.drift import DriftReference, fallback_drift_reference, ks_psi_of_counts
 from service.engine.errors import DuplicateFeedbackError, FeedbackNotFoundError, InvalidInputError
-from service.engine.types import FeedbackOutcome, WindowStats
+from service.engine.types import BundleMonitor, FeedbackOutcome, WindowStats
 
-DRIFT_SCORES = ("confidence", "predictive_entropy", "mutual_information")
+__all__ = ["DRIFT_SCORES", "DriftStats", "Monitor", "drift_reference"]
+log = logging.getLogger(__name__)
+_FALLBACKS: dict[str, DriftReference] = {}
+_FALLBACK_LOCK = threading.Lock()
+
+
+def drift_reference(calibration: Calibration) -> DriftReference:
+    """The bundle's drift reference, or for a bundle exported without one a fallback built from its
+    reference histograms and validation ECE (≈ 0.3 s on one CPU thread, cached by calibration: call it off the
+    event loop). A bundle with neither histograms nor a validation ECE gets an empty reference (no thresholds)."""
+    if calibration.drift is not None:
+        return calibration.drift
+    histograms = {k: (h.edges, h.counts) for k, h in calibration.reference_histograms.items()}
+    ece = calibration.validation_metrics.get("ece")
+    key = hashlib.sha256(repr((sorted(histograms.items()), ece)).encode()).hexdigest()
+    with _FALLBACK_LOCK:
+        cached = _FALLBACKS.get(key)
+    if cached is None:
+        cached = fallback_drift_reference(histograms, ece)
+        with _FALLBACK_LOCK:
+            _FALLBACKS[key] = cached
+        log.info("bundle without a drift reference: fallback thresholds from its manifest (%s)", cached.source)
+    return cached
+
+
+@dataclass(frozen=True)
+class DriftStats:
+    """Label-free drift of one bundle: score name → statistic, and its no-drift threshold at the window's fill."""
+
+    ks: dict[str, float]
+    psi: dict[str, float]
+    ks_threshold: dict[str, float]
+    psi_threshold: dict[str, float]
 
 
 @dataclass
@@ -38,14 +81,17 @@ class _Record:
 @dataclass
 class _Window:
     generation: int
+    reference: DriftReference
     labelled: deque[tuple[list[float], int]]  # (probabilities [K], label)
     live: dict[str, deque[float]] = field(default_factory=dict)  # score name → recent values
-    references: dict[str, Histogram] = field(default_factory=dict)
 
 
 def _padded(probs: list[list[float]]) -> torch.Tensor:
     """Ragged probability lists → [N, K_max] with zeros for absent choices (exact for every metric)."""
-    k = max(len(p) for p in probs)
+    lengths = set(map(len, probs))
+    if len(lengths) == 1:
+        return torch.tensor(probs, dtype=torch.float64)
+    k = max(lengths)
     return torch.tensor([p + [0.0] * (k - len(p)) for p in probs], dtype=torch.float64)
 
 
@@ -60,12 +106,12 @@ class Monitor:
         self._records: OrderedDict[str, _Record] = OrderedDict()
         self._windows: dict[str, _Window] = {}
 
-    def start_bundle(self, name: str, generation: int, references: dict[str, Histogram]) -> None:
-        """A new version of ``name`` is live: fresh windows against its reference histograms."""
+    def start_bundle(self, name: str, generation: int, reference: DriftReference) -> None:
+        """A new version of ``name`` is live: fresh windows against its drift reference (see
+        :func:`drift_reference`)."""
         self._windows[name] = _Window(
-            generation=generation, labelled=deque(maxlen=self.window),
-            live={s: deque(maxlen=self.drift_window) for s in DRIFT_SCORES if s in references},
-            references={s: h for s, h in references.items() if s in DRIFT_SCORES})
+            generation=generation, reference=reference, labelled=deque(maxlen=self.window),
+            live={s: deque(maxlen=self.drift_window) for s in DRIFT_SCORES if s in reference.scores})
 
     def stop_bundle(self, name: str) -> None:
         self._windows.pop(name, None)
@@ -108,20 +154,33 @@ class Monitor:
         labels = torch.tensor([y for _, y in window.labelled], dtype=torch.long)  # [N]
         return WindowStats(labelled=len(labels), accuracy=metrics.accuracy(probs, labels),
                            ece=metrics.ece(probs, labels), brier=metrics.brier(probs, labels),
-                           nll=metrics.nll(probs, labels))
+                           nll=metrics.nll(probs, labels), ece_threshold=window.reference.ece_threshold(len(labels)))
 
-    def drift(self, name: str) -> tuple[dict[str, float], dict[str, float]]:
-        """(KS, PSI) per score with at least ``drift_min_samples`` live values and a reference histogram."""
+    def drift(self, name: str) -> DriftStats:
+        """KS and PSI per score with at least ``drift_min_samples`` live values, with their thresholds
+        (a threshold is absent below the reference's smallest window size)."""
+        stats = DriftStats({}, {}, {}, {})
         window = self._windows.get(name)
-        ks: dict[str, float] = {}
-        psi: dict[str, float] = {}
         if window is None:
-            return ks, psi
+            return stats
         for score, values in window.live.items():
-            if len(values) < self.drift_min_samples:
+            n = len(values)
+            if n < self.drift_min_samples:
                 continue
-            ref = window.references[score]
-            live = torch.tensor(list(values), dtype=torch.float64)
-            ks[score] = metrics.ks_statistic(live, ref.edges, ref.counts)
-            psi[score] = metrics.psi(live, ref.edges, ref.counts)
-        return ks, psi
+            ref = window.reference.scores[score]
+            counts = metrics.histogram(torch.tensor(list(values), dtype=torch.float64), ref.edges)
+            # = metrics.ks_statistic / metrics.psi on the live values, binned once; the bootstrap's own code
+            ks, psi = ks_psi_of_counts(torch.tensor([counts]), torch.tensor([ref.counts]))
+            stats.ks[score], stats.psi[score] = float(ks[0]), float(psi[0])
+            for thresholds, value in ((stats.ks_threshold, window.reference.ks_threshold(score, n)),
+                                      (stats.psi_threshold, window.reference.psi_threshold(score, n))):
+                if value is not None:
+                    thresholds[score] = value
+        return stats
+
+    def snapshot(self, name: str, validation_ece: float | None) -> BundleMonitor:
+        """Everything the metrics collector reads for one bundle at scrape time."""
+        drift = self.drift(name)
+        return BundleMonitor(bundle=name, validation_ece=validation_ece, window=self.window_stats(name),
+                             drift_ks=drift.ks, drift_psi=drift.psi, drift_ks_threshold=drift.ks_threshold,
+                             drift_psi_threshold=drift.psi_threshold)

@@ -96,6 +96,7 @@ class WindowStats:
     ece: float
     brier: float
     nll: float
+    ece_threshold: float | None = None  # no-drift alarm threshold for ``ece`` at ``labelled`` (core.drift)
 
 
 @dataclass(frozen=True)
@@ -105,8 +106,10 @@ class BundleMonitor:
     bundle: str
     validation_ece: float | None
     window: WindowStats | None
-    drift_ks: dict[str, float]  # score name → KS statistic vs the manifest's reference histogram
+    drift_ks: dict[str, float]  # score name → KS statistic vs the bundle's drift reference histogram
     drift_psi: dict[str, float]
+    drift_ks_threshold: dict[str, float] = field(default_factory=dict)  # score → no-drift alarm threshold
+    drift_psi_threshold: dict[str, float] = field(default_factory=dict)
 
 
 class EngineObserver:
