@@ -29,10 +29,11 @@ from core.basemodel import load_base_model
 from core.bundle import read_bundle
 from core.calibration import apply_temperature
 from core.datasets import load_questions
-from core.laplace import LaplaceConfig, LaplacePosterior, mc_logits, probit, standard_normal
+from core.laplace import LaplaceConfig, LaplacePosterior, mc_logits, probit
 from core.laplace_tap import LoraTap
 from core.metrics import accuracy, auroc, brier, ece, nll
 from core.multilora import MultiLora
+from core.predictive import question_normals
 from core.scoring import ChoiceScorer
 from core.uncertainty import decompose
 from service.engine.forward import MixedForward, RowWork
@@ -143,7 +144,8 @@ def main() -> None:
     lin = linearized_pass(scorer, tap, cache, {k: (p, torch.tensor(lams[k])) for k, p in posts.items()},
                           args.batch_size, desc="linearize(test)")
     linearize_s = time.perf_counter() - t0
-    eps = standard_normal(args.mc_samples, lin.mean.shape[-1], seed=0)
+    seed = LaplaceConfig.model_validate(lap.manifest.method_config).seed
+    eps = question_normals(cache.encoded, seed, args.mc_samples, lin.mean.shape[-1])  # the server's draws
     table: dict[str, dict[str, float]] = {}
     table["MAP"] = row(torch.softmax(lin.mean, -1), labels)
     t_map = map_bundle.manifest.calibration.temperature

@@ -243,6 +243,8 @@ class BundleInfo(BaseModel):
     loaded_at: float
     validation_ece: float | None
     thresholds: dict[str, float | None]
+    abstention_rule: dict[str, Any] | None = None  # how the thresholds were calibrated, what they achieved
+    notes: list[str] = []
 
     @classmethod
     def from_status(cls, status: BundleStatus) -> BundleInfo:

@@ -66,3 +66,22 @@ def tiny_questions() -> list[Question]:
         Question("Is the moon a planet", ("yes", "no"), answer=1, context="The moon orbits the earth.", id="q2"),
         Question("Pick the letter", tuple(f"choice {c}" for c in "ABCDE"), answer=3, id="q3"),
     ]
+
+
+def _hook_count(model: torch.nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_hooks(request: pytest.FixtureRequest):
+    """A test that leaves hooks (MultiLora slots, MoE routers, taps) on the shared tiny model fails: later
+    tests would silently run an adapted model."""
+    if "tiny_base" not in request.fixturenames:
+        yield
+        return
+    model = request.getfixturevalue("tiny_base").model
+    before = _hook_count(model)
+    yield
+    leaked = _hook_count(model) - before
+    if leaked > 0:
+        pytest.fail(f"{request.node.nodeid} left {leaked} hook(s) on the shared tiny model")

@@ -28,6 +28,8 @@ LAYOUT = LoraLayout(ALL_MODULES, (2, 3), rank=4, alpha=8.0)
 
 
 def _random_members(model, count: int) -> tuple[MultiLora, dict[str, dict[str, torch.Tensor]]]:
+    """A MultiLora with random members and their peft tensors; the caller removes its hooks (or uses
+    :func:`_members_only`)."""
     multilora = MultiLora(model, LAYOUT, num_slots=count)
     for slot in range(count):
         multilora.init_for_training(slot, torch.Generator().manual_seed(slot))
@@ -35,6 +37,13 @@ def _random_members(model, count: int) -> tuple[MultiLora, dict[str, dict[str, t
             for factors in multilora.factors.values():
                 factors.lora_B[slot].normal_(0, 0.5, generator=torch.Generator().manual_seed(100 + slot))
     return multilora, {f"member-{m}": multilora.peft_state_dict(m) for m in range(count)}
+
+
+def _members_only(model, count: int) -> dict[str, dict[str, torch.Tensor]]:
+    """Random members' peft tensors, leaving no hooks on the shared model."""
+    multilora, members = _random_members(model, count)
+    multilora.remove()
+    return members
 
 
 def _manifest(info, count: int, name: str = "tiny") -> BundleManifest:
@@ -85,7 +94,7 @@ def test_members_load_with_plain_peft(tiny_base, tiny_questions, tmp_path: Path)
 
 
 def test_reader_collects_every_problem(tiny_base, tmp_path: Path) -> None:
-    _, members = _random_members(tiny_base.model, 2)
+    members = _members_only(tiny_base.model, 2)
     path = write_bundle(tmp_path / "tiny", _manifest(tiny_base.info, 2), members)
     (path / "members/member-0/adapter_model.safetensors").unlink()
     (path / "members/member-1/adapter_model.bin").write_bytes(b"pickle")
@@ -101,7 +110,7 @@ def test_reader_collects_every_problem(tiny_base, tmp_path: Path) -> None:
 
 
 def test_bad_manifest_and_base_mismatch(tiny_base, tmp_path: Path) -> None:
-    _, members = _random_members(tiny_base.model, 1)
+    members = _members_only(tiny_base.model, 1)
     path = write_bundle(tmp_path / "tiny", _manifest(tiny_base.info, 1), members)
     other = type(tiny_base.info)(**{**vars(tiny_base.info), "weight_hash": "0" * 64})
     with pytest.raises(IncompatibleBundleError, match="weight hash"):

@@ -3,7 +3,8 @@
 :func:`calibrate` takes the *served* predictive on the validation questions (a
 :class:`core.predictive.BundlePrediction`, computed on the float32 base the server loads, by the same
 functions the server calls) and measures validation metrics, stores reference histograms of confidence /
-entropy / MI (the server's label-free drift baseline) and chooses the served abstention rule;
+entropy / MI, the no-drift distributions of the server's drift statistics (:mod:`core.drift`) and chooses
+the served abstention rule;
 :func:`export_bundle` writes the bundle via :func:`core.bundle.write_bundle`.
 """
 
@@ -34,6 +35,7 @@ from core.bundle import (
     write_bundle,
 )
 from core.calibration import calibrate_abstention, fit_temperature_members
+from core.drift import build_drift_reference
 from core.metrics import finite_metrics, reference_histograms, summarize_scores
 from core.predictive import BundlePrediction, ensemble_prediction
 
@@ -91,8 +93,12 @@ def calibrate(prediction: BundlePrediction, labels: torch.Tensor, *, temperature
                              coverage=rule.coverage, risk=rule.risk, n=rule.n, reason=rule.reason,
                              best_thresholds=rule.best, best_coverage=rule.best_coverage),
     )
+    live = {"confidence": u.max_probability, "predictive_entropy": u.predictive_entropy}
+    if prediction.has_mi:
+        live["mutual_information"] = u.mutual_information
+    drift = build_drift_reference(u.probabilities, labels, live)
     calibration = Calibration(temperature=temperature, validation_metrics=metrics, undefined_metrics=undefined,
-                              reference_histograms=histograms, dtype=dtype)
+                              reference_histograms=histograms, dtype=dtype, drift=drift)
     return calibration, thresholds
 
 

@@ -168,7 +168,7 @@ class UQEngine(Engine):
             expected_entropy=float(scores.expected_entropy[i]) if prediction.has_mi else None,
             mutual_information=mi, max_probability=max_prob, members=members, thresholds_used=used,
             feu=feu,
-            bundle=entry.ref, timings=timings, notes=list(prediction.notes))
+            bundle=entry.ref, timings=timings, notes=[*prediction.notes, *entry.notes])
 
     # --- bundles --------------------------------------------------------------------------------------
 
@@ -227,9 +227,14 @@ class UQEngine(Engine):
         ref = BundleRef(name=manifest.name, version=manifest.version, method=manifest.method.value,
                         base_model_hash=manifest.base_model.weight_hash,
                         calibration_hash=manifest.calibration_hash())
+        notes = []
+        calibrated = manifest.calibration.dtype
+        if calibrated is not None and calibrated != self.settings.dtype:
+            notes.append(f"bundle calibrated on a {calibrated} base but served on {self.settings.dtype}: its "
+                         "stated coverage, risk and validation ECE were not measured on these numerics")
         return BundleEntry(name=manifest.name, generation=self.registry.next_generation(),
                            predictor=predictor, ref=ref, answer_format=manifest.answer_space.answer_format,
-                           max_tokens=manifest.answer_space.max_tokens)
+                           max_tokens=manifest.answer_space.max_tokens, notes=notes)
 
     def _check_fit(self, bundle: Bundle, loads: list[SlotLoad]) -> None:
         manifest, problems = bundle.manifest, []
@@ -280,6 +285,7 @@ class UQEngine(Engine):
 
     def _status(self, entry: BundleEntry) -> BundleStatus:
         manifest = entry.predictor.manifest
+        rule = manifest.thresholds.rule
         return BundleStatus(
             name=entry.name, version=entry.ref.version, method=entry.ref.method,
             members=[m.name for m in manifest.members], answer_format=entry.answer_format.value,
@@ -287,7 +293,9 @@ class UQEngine(Engine):
             lora_rank=manifest.lora.rank, lora_layers=list(manifest.lora.layers), slots=list(entry.slots),
             in_flight=entry.refcount, loaded_at=entry.loaded_at,
             validation_ece=manifest.calibration.validation_metrics.get("ece"),
-            thresholds=manifest.thresholds.model_dump(exclude={"target"}))
+            thresholds=manifest.thresholds.model_dump(exclude={"target", "rule"}),
+            abstention_rule=None if rule is None else rule.model_dump(mode="json"),
+            notes=list(entry.notes))
 
     # --- monitoring -----------------------------------------------------------------------------------
 

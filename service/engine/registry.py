@@ -29,6 +29,7 @@ class BundleEntry:
     ref: BundleRef
     answer_format: AnswerFormat
     max_tokens: int
+    notes: list[str] = field(default_factory=list)  # attached to every answer (e.g. a numerics mismatch)
     loaded_at: float = field(default_factory=time.time)
     refcount: int = 0
     retired: bool = False

@@ -78,6 +78,8 @@ class BundleStatus:
     loaded_at: float  # unix time
     validation_ece: float | None
     thresholds: dict[str, float | None]
+    abstention_rule: dict[str, Any] | None = None  # the bundle's RuleCalibration (how the thresholds were chosen)
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
