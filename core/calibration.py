@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
+
+from core.bundle import RuleCalibration
 
 T_MIN, T_MAX = 0.05, 20.0
 Method = Literal["lbfgs", "golden"]
@@ -137,28 +138,17 @@ def fit_temperature_members(member_scores: torch.Tensor, labels: torch.Tensor,
     return _minimize_log_t(objective, method)
 
 
-@dataclass(frozen=True)
-class AbstentionRule:
-    """A served abstention rule and what it achieved on the data it was chosen on.
+class AbstentionRule(RuleCalibration):
+    """A served abstention rule (:class:`core.bundle.RuleCalibration`, what the manifest stores) with its
+    thresholds: answer iff every score in ``thresholds`` is ≤ its threshold. Empty when the target was not
+    met (no abstention is served in the bundle's name); ``best_thresholds`` then keeps the rule that reaches
+    the risk target at the highest coverage, if any."""
 
-    The server answers a question iff every score in ``thresholds`` is ≤ its threshold (it abstains when
-    any trips). ``coverage`` and ``risk`` are those of exactly that rule on the calibration data; ``met``
-    says whether it reaches ``risk ≤ target_risk`` at ``coverage ≥ min_coverage``. When it cannot,
-    ``thresholds`` is empty (no abstention is served in the bundle's name) and ``reason`` says why, while
-    ``best`` keeps the rule that would reach the risk target at the highest coverage, if any.
-    """
-
-    scores: tuple[str, ...]
     thresholds: dict[str, float]
-    target_risk: float
-    min_coverage: float
-    coverage: float
-    risk: float
-    n: int
-    met: bool
-    reason: str = ""
-    best: dict[str, float] | None = None
-    best_coverage: float | None = None
+
+    def stored(self) -> RuleCalibration:
+        """The manifest's record of this rule (the thresholds themselves live in ``Thresholds``)."""
+        return RuleCalibration(**self.model_dump(exclude={"thresholds"}))
 
 
 def _candidates(score: torch.Tensor, limit: int) -> torch.Tensor:
@@ -232,7 +222,7 @@ def calibrate_abstention(scores: Mapping[str, torch.Tensor], correct: torch.Tens
                   f"on the calibration data (n={n}); no threshold is served")
     return AbstentionRule(scores=names, thresholds={}, target_risk=target_risk, min_coverage=min_coverage,
                           coverage=1.0, risk=overall_risk, n=n, met=False, reason=reason,
-                          best=chosen if best_key is not None else None,
+                          best_thresholds=chosen if best_key is not None else None,
                           best_coverage=best_stats[0] if best_key is not None else None)
 
 

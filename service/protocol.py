@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_serializer
 from pydantic.functional_serializers import SerializerFunctionWrapHandler
 
 from core.answers import LETTERS, MAX_CHOICES, MIN_CHOICES, Question
-from core.bundle import NAME_PATTERN
+from core.bundle import NAME_PATTERN, RuleCalibration
 from core.errors import InvalidQuestionError
 from service.engine.types import AnswerOptions, AnswerResult, BundleStatus
 from service.settings import Settings
@@ -133,22 +133,11 @@ class BundleRefOut(BaseModel):
     calibration_hash: str
 
 
-class CalibratedRuleOut(BaseModel):
-    """The bundle's abstention rule as calibrated on validation: answer iff every score in ``scores`` is at
-    most its threshold. ``coverage`` and ``risk`` (error rate among answered) were measured for exactly that
-    rule on ``n`` validation questions; ``met`` says whether it reached ``target_risk`` at ``min_coverage``.
-    ``as_calibrated`` is false when a request or server setting changed the thresholds applied."""
+class CalibratedRuleOut(RuleCalibration):
+    """The bundle's abstention rule as calibrated on validation (see :class:`core.bundle.RuleCalibration`);
+    ``as_calibrated`` is false when a request or server setting changed the thresholds applied, so the
+    stated coverage and risk do not describe this answer."""
 
-    scores: list[str]
-    target_risk: float
-    min_coverage: float
-    met: bool
-    coverage: float
-    risk: float
-    n: int
-    reason: str = ""
-    best_thresholds: dict[str, float] | None = None
-    best_coverage: float | None = None
     as_calibrated: bool
 
 

@@ -130,9 +130,9 @@ def test_calibrate_abstention_unmet_target_serves_no_threshold() -> None:
     assert not rule.met and rule.thresholds == {}
     assert "min_coverage" in rule.reason or "no rule" in rule.reason
     assert rule.coverage == 1.0 and rule.risk == pytest.approx(float((~correct).double().mean()))
-    if rule.best is not None:  # a small low-noise corner may reach the risk, at low coverage
+    if rule.best_thresholds is not None:  # a small low-noise corner may reach the risk, at low coverage
         assert rule.best_coverage is not None and rule.best_coverage < 0.5
-        cov, risk = rule_outcome({"noise": noise}, rule.best, correct)
+        cov, risk = rule_outcome({"noise": noise}, rule.best_thresholds, correct)
         assert cov == pytest.approx(rule.best_coverage) and risk <= 0.2
 
 

@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+from torch_threads import one_torch_thread
 
 from core.answers import EncodedQuestion, Question
 from core.bundle import Method, read_bundle
@@ -57,12 +58,8 @@ def _export(tiny_base, questions: list[Question], root: Path, name: str, members
 @pytest.fixture(scope="module")
 def laplace_root(tiny_base, tiny_questions, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("laplace-bundles")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: one thread is fastest, and the machine's cores are shared
-    try:
+    with one_torch_thread():
         _build(tiny_base, tiny_questions, root)
-    finally:
-        torch.set_num_threads(threads)
     return root
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import torch
+from torch_threads import one_torch_thread
 
 from core.answers import Question
 from core.bundle import Method, read_bundle
@@ -38,12 +39,8 @@ CONFIG: dict[str, Any] = dict(num_experts=4, top_k=2, rank=4, alpha=8.0, top_lay
 @pytest.fixture(scope="module")
 def root(tiny_base, tiny_questions, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("uq4ct-bundles")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: one thread is fastest, and the machine's cores are shared
-    try:
+    with one_torch_thread():
         _build(tiny_base, tiny_questions, root)
-    finally:
-        torch.set_num_threads(threads)
     return root
 
 

@@ -28,7 +28,6 @@ from core.bundle import (
     LoraSpec,
     MemberSpec,
     Method,
-    RuleCalibration,
     Thresholds,
     base_ref,
     provenance,
@@ -89,9 +88,7 @@ def calibrate(prediction: BundlePrediction, labels: torch.Tensor, *, temperature
     thresholds = Thresholds(
         **{name: rule.thresholds.get(name) for name in SCORE_NAMES},
         target=target,
-        rule=RuleCalibration(scores=rule.scores, target_risk=target_risk, min_coverage=min_coverage, met=rule.met,
-                             coverage=rule.coverage, risk=rule.risk, n=rule.n, reason=rule.reason,
-                             best_thresholds=rule.best, best_coverage=rule.best_coverage),
+        rule=rule.stored(),
     )
     live = {"confidence": u.max_probability, "predictive_entropy": u.predictive_entropy}
     if prediction.has_mi:
