@@ -24,6 +24,21 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def portable_path(value: object) -> object:
+    """A path inside (or beside) the repository as the repository-relative form committed results use."""
+    text = str(value)
+    if text.startswith(str(ROOT) + "/"):
+        return text[len(str(ROOT)) + 1 :]
+    if text.startswith(str(ROOT.parent) + "/"):
+        return "../" + text[len(str(ROOT.parent)) + 1 :]
+    return value
+
+
+def portable(cmd: list[str]) -> str:
+    """A command line without machine paths: ``python`` for the interpreter, repository-relative paths."""
+    return shlex.join(["python" if c == sys.executable else str(portable_path(c)) for c in cmd])
 NOTES = "\n## Reading"  # the markdown from this heading on is written by hand and survives reruns
 COLUMNS = [("acc", "acc"), ("nll", "NLL"), ("ece", "ECE"), ("auroc_mi", "AUROC(MI)"),
            ("mutual_information", "mean MI"), ("auroc_entropy", "AUROC(H)")]
@@ -77,7 +92,7 @@ def run_variant(args: argparse.Namespace, dataset: str, prior: str, scale: float
                 "--split", "test", "--no-plots", "--threads", str(args.threads), "--out", str(eval_dir),
                 *([] if test_limit is None else ["--limit", str(test_limit)])]
     record: dict[str, Any] = {"name": name, "dataset": dataset, "prior": prior, "init_scale_a": scale,
-                              "train_command": shlex.join(train), "eval_command": shlex.join(evaluate)}
+                              "train_command": portable(train), "eval_command": portable(evaluate)}
     if (eval_dir / "metrics.json").exists():
         print(f"[priors] {name}: already evaluated, reusing {eval_dir / 'metrics.json'}", flush=True)
     else:
@@ -165,7 +180,7 @@ def main() -> int:
             record = {**{k: v for k, v in previous[name].items() if k.endswith("wall_s")}, **record}
         records[name] = record
         pending = [variant_name(*step) for step in plan[i + 1 :]]
-        payload = {"args": {k: v for k, v in vars(args).items()}, "runs": list(records.values())}
+        payload = {"args": {k: portable_path(v) for k, v in vars(args).items()}, "runs": list(records.values())}
         results.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
         md = results.with_suffix(".md")
         notes = md.read_text().partition(NOTES)[2] if md.exists() else ""  # hand-written reading, kept
