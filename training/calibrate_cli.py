@@ -21,17 +21,14 @@ import torch
 from core.basemodel import load_base_model
 from core.bundle import MANIFEST, read_bundle
 from core.datasets import data_hash, load_questions
+from training.eval_cli import add_question_arguments
 from training.evaluate import bundle_predictions
 from training.export import DEFAULT_ABSTAIN_ON, MIN_COVERAGE, TARGET_RISK, calibrate, dtype_name
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("bundle", help="bundle directory")
-    parser.add_argument("--dataset", default="arc_easy")
-    parser.add_argument("--split", default="validation", choices=["train", "validation", "test"])
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--limit", type=int, default=None)
-    parser.add_argument("--base-model", default="smollm2-135m")
+    add_question_arguments(parser, "validation")
     parser.add_argument("--target-risk", type=float, default=TARGET_RISK)
     parser.add_argument("--min-coverage", type=float, default=MIN_COVERAGE)
     parser.add_argument("--abstain-on", default=",".join(DEFAULT_ABSTAIN_ON))

@@ -17,13 +17,18 @@ from core.predictive import ensemble_prediction
 from training.evaluate import bundle_predictions, evaluate_prediction, zero_shot_scores
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("bundle", help="bundle directory, or 'base' for the zero-shot base model")
+def add_question_arguments(parser: argparse.ArgumentParser, split: str) -> None:
+    """The labelled questions a bundle is run on (dataset, split, data folder, limit) and the base model."""
     parser.add_argument("--dataset", default="arc_easy")
-    parser.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    parser.add_argument("--split", default=split, choices=["train", "validation", "test"])
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--base-model", default="smollm2-135m")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("bundle", help="bundle directory, or 'base' for the zero-shot base model")
+    add_question_arguments(parser, "test")
     parser.add_argument("--answer-format", default=AnswerFormat.CLOZE.value, choices=[f.value for f in AnswerFormat],
                         help="only for 'base' (a bundle records its own)")
     parser.add_argument("--out", default=None, help="output folder (default: runs/eval/<bundle>-<dataset>-<split>)")
