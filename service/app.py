@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
 from service.engine.base import Engine
+from core.errors import UqserveError
 from service.engine.errors import EngineError
 from service.errors import install_error_handlers
 from service.metrics import LatencyMiddleware, ServiceMetrics, load_failure_reason
@@ -43,6 +44,17 @@ async def preload(engine: Engine, settings: Settings, metrics: ServiceMetrics) -
             log.error("bundle %r was not loaded: %s", name, err)
 
 
+def build_engine(settings: Settings) -> Engine:
+    """The engine ``settings.engine`` names, on the configured base model (imports only what it needs)."""
+    if settings.engine == "vllm":
+        from service.engine.vllm_engine import VllmEngine
+
+        return VllmEngine.from_settings(settings)
+    from service.engine.engine import UQEngine  # torch and transformers load only when serving
+
+    return UQEngine.from_settings(settings)
+
+
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
     """Build the HTTP app; pass ``engine`` to serve a prebuilt (or fake) engine instead of loading one."""
     settings = settings or Settings()
@@ -52,9 +64,11 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         served = engine
         if served is None:
-            from service.engine.engine import UQEngine  # torch and transformers load only when serving
-
-            served = await asyncio.to_thread(UQEngine.from_settings, settings)
+            try:
+                served = await asyncio.to_thread(build_engine, settings)
+            except UqserveError as err:  # a bad model path or setting: one clear line, then uvicorn exits
+                log.error("cannot start the %s engine: %s", settings.engine, err)
+                raise
         served.set_observer(metrics)
         metrics.attach(served)
         await served.start()

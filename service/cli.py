@@ -19,13 +19,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bundle-root", help="bundle directory (UQSERVE_BUNDLE_ROOT, default bundles)")
     parser.add_argument("--preload", dest="preload_bundles",
                         help="comma-separated bundle names to load at startup (UQSERVE_PRELOAD_BUNDLES)")
+    parser.add_argument("--engine", choices=["torch", "vllm"], help="row-scoring engine (UQSERVE_ENGINE, default torch)")
     parser.add_argument("--device", help="torch device (UQSERVE_DEVICE, default cpu)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {key: getattr(args, key, None) for key in
-                                 ("host", "port", "base_model", "bundle_root", "preload_bundles", "device")}
+                                 ("host", "port", "base_model", "bundle_root", "preload_bundles", "device", "engine")}
     return Settings(**{k: v for k, v in overrides.items() if v is not None})
 
 

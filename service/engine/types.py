@@ -80,6 +80,7 @@ class BundleStatus:
     thresholds: dict[str, float | None]
     abstention_rule: dict[str, Any] | None = None  # the bundle's RuleCalibration (how the thresholds were chosen)
     notes: list[str] = field(default_factory=list)
+    engine: str = "torch"  # the engine that scores this bundle's rows (torch | vllm)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,244 @@
+"""What every engine shares: bundles, per-method predictors, answers, abstention, feedback and drift.
+
+An engine differs only in how it turns rows (question × member) into choice scores. A subclass says
+
+- ``name``: ``torch`` or ``vllm`` (reported per bundle in ``GET /v1/bundles``);
+- :meth:`ServingEngine._check_fit`: whether a bundle's method and adapters fit the engine (4xx otherwise);
+- :meth:`ServingEngine._place`: put a predictor's adapters where rows can use them; return one row handle
+  (a LoRA slot, a vLLM LoRA id) per adapter;
+- :meth:`ServingEngine._release`: free them when the version has no requests left;
+- :meth:`ServingEngine._score`: choice scores [R_i, K_i] for each :class:`RowWork`.
+
+Everything else (encoding, versions and hot-swap, combining rows through the bundle's predictor,
+abstention, monitoring) is here, so both engines give the same answer for the same scores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from abc import abstractmethod
+from collections import defaultdict
+from typing import Any, ClassVar
+
+import torch
+
+from core.answers import PROMPT_VERSION, EncodedQuestion, Question, encode_question
+from core.basemodel import BaseModelInfo
+from core.bundle import Bundle, bundle_path, read_bundle
+from core.errors import BundleError, IncompatibleBundleError, InvalidQuestionError
+from service.engine.abstention import abstain_reasons, resolve_thresholds
+from service.engine.base import Engine
+from service.engine.errors import (
+    BundleIncompatibleError,
+    BundleNotFoundError,
+    BundleRefusedError,
+    EngineUnavailableError,
+    InvalidInputError,
+    RequestTimeoutError,
+)
+from service.engine.forward import RowWork
+from service.engine.monitoring import Monitor, drift_reference
+from service.engine.predictors import PREDICTORS, Prediction, Predictor, SlotLoad, predictor_for
+from service.engine.registry import BundleEntry, Registry
+from service.engine.types import (
+    AnswerOptions,
+    AnswerResult,
+    BundleMonitor,
+    BundleRef,
+    BundleStatus,
+    FeedbackOutcome,
+    Timings,
+)
+from service.settings import Settings
+
+log = logging.getLogger("uqserve.engine")
+
+
+class ServingEngine(Engine):
+    """The engine-independent part of serving; see the module docstring."""
+
+    name: ClassVar[str]
+
+    def __init__(self, tokenizer: Any, info: BaseModelInfo, settings: Settings) -> None:
+        self.tokenizer = tokenizer
+        self.info = info
+        self.settings = settings
+        self.registry = Registry(self._release)
+        self.monitoring = Monitor(settings.feedback_capacity, settings.feedback_window, settings.drift_window,
+                                  settings.drift_min_samples)
+        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._accepting = False
+
+    # --- what an engine supplies ----------------------------------------------------------------------
+
+    @abstractmethod
+    async def _score(self, works: list[RowWork]) -> list[tuple[torch.Tensor, Timings]]:
+        """Per work item: choice scores [R_i, K_i] float32 (softmax over K_i = row i's distribution)."""
+
+    @abstractmethod
+    def _check_fit(self, bundle: Bundle, predictor: Predictor, loads: list[SlotLoad]) -> None:
+        """Raise :class:`BundleRefusedError` when this engine cannot serve the bundle."""
+
+    @abstractmethod
+    async def _place(self, predictor: Predictor, loads: list[SlotLoad]) -> list[int]:
+        """Make the adapters usable by rows; one handle per load (becomes ``predictor.slots``)."""
+
+    @abstractmethod
+    def _release(self, entry: BundleEntry) -> None:
+        """A retired version has no requests left: free what :meth:`_place` took."""
+
+    # --- answering ------------------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self._accepting
+
+    async def answer(self, bundle: str, questions: list[Question],
+                     options: AnswerOptions) -> list[AnswerResult]:
+        if not self.ready:
+            raise EngineUnavailableError("the engine is not accepting requests (starting, shutting down or dead)")
+        entry = self.registry.acquire(bundle)
+        try:
+            encoded = [self._encode(entry, q, i, len(questions)) for i, q in enumerate(questions)]
+            rows = tuple(entry.predictor.row_slots())
+            works = [RowWork(e, entry.answer_format, rows, entry.predictor.first_layer,
+                             custom=entry.predictor.custom_forward) for e in encoded]
+            try:
+                outputs = await asyncio.wait_for(self._score(works), self.settings.request_timeout_s)
+            except TimeoutError:
+                raise RequestTimeoutError(f"no answer within {self.settings.request_timeout_s:g} s") from None
+            k_max = max(s.shape[-1] for s, _ in outputs)
+            stacked = torch.stack([torch.nn.functional.pad(s, (0, k_max - s.shape[-1]), value=float("-inf"))
+                                   for s, _ in outputs])  # [Q, R, K]
+            prediction = entry.predictor.combine(stacked)
+            return [self._result(entry, prediction, i, outputs[i][0].shape[-1], timings, options)
+                    for i, (_, timings) in enumerate(outputs)]
+        finally:
+            self.registry.release(entry)
+
+    def _encode(self, entry: BundleEntry, question: Question, index: int, total: int) -> EncodedQuestion:
+        try:
+            return encode_question(self.tokenizer, question, entry.answer_format, entry.max_tokens)
+        except InvalidQuestionError as err:
+            param = "question" if total == 1 else f"questions.{index}"
+            raise InvalidInputError(str(err), param=param) from None
+
+    def _result(self, entry: BundleEntry, prediction: Prediction, i: int, k: int, timings: Timings,
+                options: AnswerOptions) -> AnswerResult:
+        scores = prediction.scores
+        probs = scores.probabilities[i, :k]
+        entropy = float(scores.predictive_entropy[i])
+        mi = float(scores.mutual_information[i]) if prediction.has_mi else None
+        max_prob = float(probs.max())
+        feu = None if prediction.feu is None else float(prediction.feu[i])
+        used = resolve_thresholds(options.thresholds, entry.predictor.manifest.thresholds,
+                                  self.settings.default_thresholds())
+        reasons = abstain_reasons(used, predictive_entropy=entropy, mutual_information=mi,
+                                  max_probability=max_prob, feu=feu)
+        members = None
+        if options.return_members and prediction.member_probs is not None:
+            members = prediction.member_probs[i, :, :k].tolist()
+        request_id = uuid.uuid4().hex
+        prob_list = probs.tolist()
+        live = {"confidence": max_prob, "predictive_entropy": entropy, "mutual_information": mi}
+        self.monitoring.record(request_id, entry.name, entry.generation, prob_list, live)
+        return AnswerResult(
+            request_id=request_id, answer_index=int(probs.argmax()), abstained=bool(reasons),
+            abstain_reasons=reasons, probabilities=prob_list, predictive_entropy=entropy,
+            expected_entropy=float(scores.expected_entropy[i]) if prediction.has_mi else None,
+            mutual_information=mi, max_probability=max_prob, members=members, thresholds_used=used,
+            feu=feu,
+            bundle=entry.ref, timings=timings, notes=[*prediction.notes, *entry.notes])
+
+    # --- bundles --------------------------------------------------------------------------------------
+
+    async def load_bundle(self, name: str) -> BundleStatus:
+        try:
+            path = bundle_path(self.settings.bundle_root, name)
+        except BundleError as err:
+            raise BundleRefusedError(str(err), reason="invalid_name", param="name") from None
+        if not path.is_dir():
+            raise BundleNotFoundError(f"no bundle named {name!r} in the bundle root", param="name")
+        async with self._locks[name]:
+            started = time.perf_counter()
+            try:
+                bundle = await asyncio.to_thread(read_bundle, path, self.info)
+            except IncompatibleBundleError as err:
+                raise BundleIncompatibleError(str(err), reason="incompatible_base") from None
+            except BundleError as err:
+                raise BundleRefusedError(str(err), reason="invalid_bundle") from None
+            if bundle.manifest.name != name:
+                raise BundleRefusedError(f"directory {name!r} holds bundle {bundle.manifest.name!r}",
+                                         reason="invalid_bundle")
+            reference = await asyncio.to_thread(drift_reference, bundle.manifest.calibration)
+            entry = await self._activate(bundle)
+            old = self.registry.install(entry)
+            self.monitoring.start_bundle(name, entry.generation, reference)
+            log.info("%s bundle %s v%s (%d adapters, %s engine) in %.3f s", "replaced" if old else "loaded", name,
+                     entry.ref.version, len(entry.slots), self.name, time.perf_counter() - started)
+            return self._status(entry)
+
+    async def _activate(self, bundle: Bundle) -> BundleEntry:
+        """Check the bundle fits the engine, place its adapters, build its entry."""
+        if bundle.manifest.method not in PREDICTORS:
+            supported = ", ".join(sorted(m.value for m in PREDICTORS))
+            raise BundleRefusedError(f"method {bundle.manifest.method.value!r} has no serving predictor "
+                                     f"(this server serves: {supported})", reason="unsupported_method")
+        try:
+            predictor = predictor_for(bundle)
+        except (LookupError, ValueError) as err:  # the method's own checks (missing artifacts, bad config)
+            raise BundleRefusedError(f"bundle {bundle.manifest.name!r}: {err}", reason="invalid_bundle") from None
+        loads = predictor.slot_loads()
+        manifest = bundle.manifest
+        if manifest.answer_space.prompt_version != PROMPT_VERSION:
+            raise BundleRefusedError(f"bundle {manifest.name!r}: prompt_version "
+                                     f"{manifest.answer_space.prompt_version!r} ≠ server {PROMPT_VERSION!r}",
+                                     reason="layout")
+        self._check_fit(bundle, predictor, loads)
+        predictor.slots = await self._place(predictor, loads)
+        ref = BundleRef(name=manifest.name, version=manifest.version, method=manifest.method.value,
+                        base_model_hash=manifest.base_model.weight_hash,
+                        calibration_hash=manifest.calibration_hash())
+        notes = []
+        calibrated = manifest.calibration.dtype
+        if calibrated is not None and calibrated != self.settings.dtype:
+            notes.append(f"bundle calibrated on a {calibrated} base but served on {self.settings.dtype}: its "
+                         "stated coverage, risk and validation ECE were not measured on these numerics")
+        return BundleEntry(name=manifest.name, generation=self.registry.next_generation(),
+                           predictor=predictor, ref=ref, answer_format=manifest.answer_space.answer_format,
+                           max_tokens=manifest.answer_space.max_tokens, notes=notes)
+
+    async def unload_bundle(self, name: str) -> BundleStatus:
+        async with self._locks[name]:
+            entry = self.registry.remove(name)
+            self.monitoring.stop_bundle(name)
+            return self._status(entry)
+
+    def bundles(self) -> list[BundleStatus]:
+        return [self._status(entry) for entry in self.registry.entries()]
+
+    def _status(self, entry: BundleEntry) -> BundleStatus:
+        manifest = entry.predictor.manifest
+        rule = manifest.thresholds.rule
+        return BundleStatus(
+            name=entry.name, version=entry.ref.version, method=entry.ref.method,
+            members=[m.name for m in manifest.members], answer_format=entry.answer_format.value,
+            base_model_hash=entry.ref.base_model_hash, calibration_hash=entry.ref.calibration_hash,
+            lora_rank=manifest.lora.rank, lora_layers=list(manifest.lora.layers), slots=list(entry.slots),
+            in_flight=entry.refcount, loaded_at=entry.loaded_at,
+            validation_ece=manifest.calibration.validation_metrics.get("ece"),
+            thresholds=manifest.thresholds.model_dump(exclude={"target", "rule"}),
+            abstention_rule=None if rule is None else rule.model_dump(mode="json"),
+            notes=list(entry.notes), engine=self.name)
+
+    # --- monitoring -----------------------------------------------------------------------------------
+
+    def feedback(self, request_id: str, correct_index: int) -> FeedbackOutcome:
+        return self.monitoring.feedback(request_id, correct_index)
+
+    def monitor(self) -> list[BundleMonitor]:
+        return [self.monitoring.snapshot(entry.name, entry.predictor.manifest.calibration.validation_metrics.get("ece"))
+                for entry in self.registry.entries()]
