@@ -15,8 +15,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
-from service.engine.base import Engine
 from core.errors import UqserveError
+from service.engine.base import Engine
 from service.engine.errors import EngineError
 from service.errors import install_error_handlers
 from service.metrics import LatencyMiddleware, ServiceMetrics, load_failure_reason

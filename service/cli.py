@@ -19,7 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bundle-root", help="bundle directory (UQSERVE_BUNDLE_ROOT, default bundles)")
     parser.add_argument("--preload", dest="preload_bundles",
                         help="comma-separated bundle names to load at startup (UQSERVE_PRELOAD_BUNDLES)")
-    parser.add_argument("--engine", choices=["torch", "vllm"], help="row-scoring engine (UQSERVE_ENGINE, default torch)")
+    parser.add_argument("--engine", choices=["torch", "vllm"],
+                        help="row-scoring engine (UQSERVE_ENGINE, default torch)")
     parser.add_argument("--device", help="torch device (UQSERVE_DEVICE, default cpu)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 

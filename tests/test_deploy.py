@@ -245,7 +245,12 @@ def test_prometheus_scrapes_the_service() -> None:
 def test_compose_wiring() -> None:
     compose = load_yaml(ROOT / "docker-compose.yml")
     services = compose["services"]
-    assert set(services) == {"uqserve", "prometheus", "grafana"}
+    assert set(services) == {"uqserve", "uqserve-vllm", "prometheus", "grafana"}
+    gpu = services["uqserve-vllm"]
+    assert gpu["profiles"] == ["gpu"] and gpu["environment"]["UQSERVE_ENGINE"] == "vllm"
+    assert (ROOT / gpu["build"]["dockerfile"]).is_file()
+    gpu_dockerfile = (ROOT / gpu["build"]["dockerfile"]).read_text()
+    assert "FROM ${VLLM_IMAGE}" in gpu_dockerfile and "vllm/vllm-openai:" in gpu_dockerfile
     app = services["uqserve"]
     assert app["environment"]["UQSERVE_ADMIN_KEY"] == "${UQSERVE_ADMIN_KEY:?set it in .env}"
     assert "./bundles:/bundles:ro" in app["volumes"]

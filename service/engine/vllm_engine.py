@@ -65,7 +65,7 @@ def engine_args(settings: Settings, model_dir: Path) -> Any:
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     max_resident = settings.vllm_max_cpu_loras or settings.max_slots
-    return AsyncEngineArgs(
+    kwargs: dict[str, Any] = dict(
         model=str(model_dir), tokenizer=str(model_dir), dtype=settings.dtype,
         max_model_len=settings.vllm_max_model_len, enable_lora=True, max_lora_rank=settings.max_lora_rank,
         max_loras=settings.vllm_max_loras, max_cpu_loras=max(max_resident, settings.vllm_max_loras),
@@ -78,6 +78,7 @@ def engine_args(settings: Settings, model_dir: Path) -> Any:
         enable_prefix_caching=False,  # prompt log-prob requests bypass the prefix cache anyway
         seed=0,
     )
+    return AsyncEngineArgs(**kwargs)
 
 
 def write_peft_adapter(directory: Path, load: SlotLoad) -> None:
