@@ -1,6 +1,6 @@
 """Torch engine vs vLLM engine, same bundles, same questions, side by side in one run; plus vLLM alone.
 
-For M = 1 and M = 5 (random-weight LoRA bundles, rank 16 on every projection of the top 8 layers) and
+For M = 1 and M = 5 (random-weight LoRA bundles from bench_serving: rank 16 on every projection of the top 8 layers) and
 1, 8 and 32 concurrent HTTP clients, each engine is started as a real ``uqserve serve`` subprocess and
 measured: throughput (questions/s), p50 and p99 latency, and the peak resident memory of the server's
 whole process tree (vLLM runs its engine core in child processes). "vLLM alone" scores the same
@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,48 +32,11 @@ import httpx
 import psutil
 import torch
 
+from benchmarks.bench_serving import free_port, make_bundle
 from core.answers import AnswerFormat, Question, encode_question
 from core.basemodel import load_base_model
-from core.bundle import (
-    AnswerSpaceSpec,
-    BundleManifest,
-    Calibration,
-    LoraSpec,
-    MemberSpec,
-    Method,
-    base_ref,
-    read_bundle,
-    write_bundle,
-)
+from core.bundle import read_bundle
 from core.datasets import load_questions
-from core.multilora import ALL_MODULES, LoraLayout, MultiLora
-
-RANK, TOP = 16, 8
-
-
-def make_bundle(root: Path, base: Any, name: str, members: int, answer_format: AnswerFormat) -> Path:
-    layers = tuple(range(base.info.num_layers - TOP, base.info.num_layers))
-    multilora = MultiLora(base.model, LoraLayout(ALL_MODULES, layers, RANK, 2.0 * RANK), num_slots=members)
-    gen = torch.Generator().manual_seed(members)
-    with torch.no_grad():
-        for f in multilora.factors.values():
-            f.lora_A.copy_(torch.randn(f.lora_A.shape, generator=gen) * 0.02)
-            f.lora_B.copy_(torch.randn(f.lora_B.shape, generator=gen) * 0.02)
-    tensors = {f"m{i}": {k: v.cpu() for k, v in multilora.peft_state_dict(i).items()} for i in range(members)}
-    multilora.remove()
-    manifest = BundleManifest(
-        name=name, version="1", method=Method.ENSEMBLE,
-        members=tuple(MemberSpec(name=f"m{i}", weight=1.0) for i in range(members)),
-        base_model=base_ref(base.info), answer_space=AnswerSpaceSpec(answer_format=answer_format),
-        lora=LoraSpec(rank=RANK, alpha=2.0 * RANK, target_modules=ALL_MODULES, layers=layers),
-        calibration=Calibration(temperature=1.0, validation_metrics={"ece": 0.05}))
-    return write_bundle(root / name, manifest, tensors)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class PeakMemory:
@@ -230,8 +192,8 @@ def main() -> int:
         root = Path(tmp)
         base = load_base_model()
         cases = {"M1": "bench-m1", "M5": "bench-m5"}
-        make_bundle(root, base, "bench-m1", 1, fmt)
-        make_bundle(root, base, "bench-m5", 5, fmt)
+        make_bundle(root, base, "bench-m1", 1, members=1, answer_format=fmt)
+        make_bundle(root, base, "bench-m5", 5, members=5, answer_format=fmt)
         del base
         results: dict[str, Any] = {}
         for engine in ("torch", "vllm"):
@@ -252,8 +214,8 @@ def main() -> int:
               "results": results, "ratios": ratios}
     print(f"\n{'case':8s} {'torch q/s':>10s} {'vllm q/s':>10s} {'alone q/s':>10s} {'v/t':>6s} {'v/alone':>8s}")
     for key, r in ratios.items():
-        print(f"{key:8s} {results['torch'][key]['throughput_qps']:10.2f} {results['vllm'][key]['throughput_qps']:10.2f} "
-              f"{results['vllm_alone'][key]['throughput_qps']:10.2f} {r['vllm_over_torch_throughput']:6.2f} "
+        t, v, a = (results[e][key]["throughput_qps"] for e in ("torch", "vllm", "vllm_alone"))
+        print(f"{key:8s} {t:10.2f} {v:10.2f} {a:10.2f} {r['vllm_over_torch_throughput']:6.2f} "
               f"{r['uqserve_vllm_over_vllm_alone_throughput']:8.2f}")
     print(f"peak RSS (MiB): torch {results['torch']['peak_rss_mib']:.0f}, vllm {results['vllm']['peak_rss_mib']:.0f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -63,25 +63,28 @@ FMT = AnswerFormat.CLOZE  # set from --answer-format
 ADMIN = "bench-admin-key"
 
 
-def make_bundle(root: Path, base: BaseModel, name: str, seed: int) -> Path:
-    """Random-weight ensemble: MEMBERS members, rank RANK on every projection of the top TOP layers."""
+def make_bundle(root: Path, base: BaseModel, name: str, seed: int, members: int | None = None,
+                answer_format: AnswerFormat | None = None) -> Path:
+    """Random-weight ensemble: ``members`` (default MEMBERS) members, rank RANK on every projection of the
+    top TOP layers, in ``answer_format`` (default the --answer-format of this run)."""
+    members = members or MEMBERS
     layers = tuple(range(base.info.num_layers - TOP, base.info.num_layers))
     layout = LoraLayout(ALL_MODULES, layers, RANK, 2.0 * RANK)
-    multilora = MultiLora(base.model, layout, num_slots=MEMBERS)
+    multilora = MultiLora(base.model, layout, num_slots=members)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for f in multilora.factors.values():
             f.lora_A.copy_(torch.randn(f.lora_A.shape, generator=gen) * 0.02)
             f.lora_B.copy_(torch.randn(f.lora_B.shape, generator=gen) * 0.02)
-    members = {f"m{i}": {k: v.cpu() for k, v in multilora.peft_state_dict(i).items()} for i in range(MEMBERS)}
+    tensors = {f"m{i}": {k: v.cpu() for k, v in multilora.peft_state_dict(i).items()} for i in range(members)}
     multilora.remove()
     manifest = BundleManifest(
         name=name, version=str(seed), method=Method.ENSEMBLE,
-        members=tuple(MemberSpec(name=f"m{i}", weight=1.0) for i in range(MEMBERS)),
-        base_model=base_ref(base.info), answer_space=AnswerSpaceSpec(answer_format=FMT),
+        members=tuple(MemberSpec(name=f"m{i}", weight=1.0) for i in range(members)),
+        base_model=base_ref(base.info), answer_space=AnswerSpaceSpec(answer_format=answer_format or FMT),
         lora=LoraSpec(rank=RANK, alpha=2.0 * RANK, target_modules=ALL_MODULES, layers=layers),
         calibration=Calibration(temperature=1.3, validation_metrics={"ece": 0.05}))
-    return write_bundle(root / name, manifest, members)
+    return write_bundle(root / name, manifest, tensors)
 
 
 def sync(x: torch.Tensor | list[torch.Tensor]) -> None:

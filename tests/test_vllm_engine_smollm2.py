@@ -54,7 +54,8 @@ def _free_port() -> int:
 def _serve(root: Path, *extra: str, log: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = _free_port()
     env = {**os.environ, "UQSERVE_ADMIN_KEY": ADMIN, "UQSERVE_PRELOAD_BUNDLES": "cl,le,map,lap",
-           "UQSERVE_BUNDLE_ROOT": str(root), "UQSERVE_VLLM_MAX_CPU_LORAS": "16"}
+           "UQSERVE_BUNDLE_ROOT": str(root), "UQSERVE_VLLM_MAX_CPU_LORAS": "16",
+           "UQSERVE_REQUEST_TIMEOUT_S": "600"}
     cmd = [sys.executable, "-m", "uqserve.cli", "serve", "--engine", "vllm", "--port", str(port), *extra]
     proc = subprocess.Popen(cmd, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
     return proc, f"http://127.0.0.1:{port}"
