@@ -186,7 +186,8 @@ def test_hot_swap_under_load_loses_nothing(vllm_url: Any) -> None:
             time.sleep(2)
             response = httpx.post(f"{url}/v1/bundles/cl", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=120)
             assert response.status_code == 200, response.text
-            versions.add(tuple(response.json()["slots"]))
+            assert response.json()["action"] == "replaced"
+            versions.add(tuple(response.json()["bundle"]["slots"]))
         time.sleep(2)
     finally:
         stop.set()
