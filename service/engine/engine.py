@@ -23,7 +23,7 @@ from core.multilora import ALL_MODULES, LoraLayout, MultiLora, check_peft_tensor
 from service.engine.batcher import MicroBatcher
 from service.engine.errors import BundleRefusedError
 from service.engine.forward import MixedForward, RowWork
-from service.engine.predictors import Predictor, SlotLoad
+from service.engine.predictors import Predictor, SlotLoad, overrides_hook
 from service.engine.registry import BundleEntry, SlotPool
 from service.engine.serving import ServingEngine
 from service.engine.types import EngineObserver, Timings
@@ -87,13 +87,8 @@ class UQEngine(ServingEngine):
     # --- adapters in slots ----------------------------------------------------------------------------
 
     def _check_fit(self, bundle: Bundle, predictor: Predictor, loads: list[SlotLoad]) -> None:
-        manifest, problems = bundle.manifest, []
-        if manifest.lora.rank > self.settings.max_lora_rank:
-            problems.append(f"LoRA rank {manifest.lora.rank} exceeds this server's max_lora_rank "
-                            f"{self.settings.max_lora_rank}")
-        unknown = sorted(set(manifest.lora.target_modules) - set(ALL_MODULES))
-        if unknown:
-            problems.append(f"target modules {unknown} are not supported (supported: {list(ALL_MODULES)})")
+        manifest = bundle.manifest
+        problems = self._lora_problems(bundle)
         if not problems:
             for load in loads:
                 problems.extend(check_peft_tensors(load.tensors, self.multilora))
@@ -109,7 +104,7 @@ class UQEngine(ServingEngine):
             self.pool.release(slots)
             raise
         predictor.slots = slots
-        if _overrides(predictor, "attach"):
+        if overrides_hook(predictor, "attach"):
             try:  # a method's own hooks (MoE routers/experts) attach on the worker thread, between forwards
                 await self.batcher.run_in_worker(predictor.attach, self.base.model)
             except BaseException:
@@ -130,15 +125,10 @@ class UQEngine(ServingEngine):
 
     def _detach(self, predictor: Predictor) -> None:
         """Remove a freed predictor's own hooks (MoE) on the worker thread, so no running forward loses them."""
-        if not _overrides(predictor, "detach"):
+        if not overrides_hook(predictor, "detach"):
             return
         try:
             self.executor.submit(predictor.detach)
         except RuntimeError:  # the executor is shut down: no forward can run any more
             predictor.detach()
 
-
-def _overrides(predictor: Predictor, method: str) -> bool:
-    """True when the predictor's class replaces a no-op hook of :class:`Predictor` (then it must run on the
-    worker); plain LoRA methods skip the round-trip, so a hot-swap never waits behind a running forward."""
-    return getattr(type(predictor), method) is not getattr(Predictor, method)

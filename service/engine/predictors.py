@@ -106,6 +106,11 @@ PREDICTORS: dict[Method, type[Predictor]] = {
 }
 
 
+def overrides_hook(predictor: Predictor, method: str) -> bool:
+    """True when the predictor's class replaces a no-op hook of :class:`Predictor` (``attach``/``detach``)."""
+    return getattr(type(predictor), method) is not getattr(Predictor, method)
+
+
 def predictor_for(bundle: Bundle) -> Predictor:
     """Build the bundle's predictor; raises LookupError naming the supported methods when there is none."""
     cls = PREDICTORS.get(bundle.manifest.method)

@@ -29,6 +29,7 @@ from core.answers import PROMPT_VERSION, EncodedQuestion, Question, encode_quest
 from core.basemodel import BaseModelInfo
 from core.bundle import Bundle, bundle_path, read_bundle
 from core.errors import BundleError, IncompatibleBundleError, InvalidQuestionError
+from core.multilora import ALL_MODULES
 from service.engine.abstention import abstain_reasons, resolve_thresholds
 from service.engine.base import Engine
 from service.engine.errors import (
@@ -89,6 +90,16 @@ class ServingEngine(Engine):
     @abstractmethod
     def _release(self, entry: BundleEntry) -> None:
         """A retired version has no requests left: free what :meth:`_place` took."""
+
+    def _lora_problems(self, bundle: Bundle) -> list[str]:
+        """What every engine checks of a bundle's LoRA spec: rank within max_lora_rank, known target modules."""
+        lora, problems = bundle.manifest.lora, []
+        if lora.rank > self.settings.max_lora_rank:
+            problems.append(f"LoRA rank {lora.rank} exceeds this server's max_lora_rank {self.settings.max_lora_rank}")
+        unknown = sorted(set(lora.target_modules) - set(ALL_MODULES))
+        if unknown:
+            problems.append(f"target modules {unknown} are not supported (supported: {list(ALL_MODULES)})")
+        return problems
 
     # --- answering ------------------------------------------------------------------------------------
 

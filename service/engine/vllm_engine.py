@@ -46,7 +46,7 @@ from service.engine.errors import (
     QueueFullError,
 )
 from service.engine.forward import RowWork
-from service.engine.predictors import Predictor, SlotLoad
+from service.engine.predictors import Predictor, SlotLoad, overrides_hook
 from service.engine.registry import BundleEntry
 from service.engine.serving import ServingEngine
 from service.engine.types import Timings
@@ -57,7 +57,6 @@ log = logging.getLogger("uqserve.engine.vllm")
 # vLLM's packed Llama-family module names. The LM head is left out on purpose: with it, batched prompt
 # log-probs under LoRA crash the engine (vllm-project/vllm#16668); no bundle adapts the head.
 LLAMA_LORA_MODULES = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
-_PEFT_MODULE = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 
 def engine_args(settings: Settings, model_dir: Path) -> Any:
@@ -84,7 +83,7 @@ def engine_args(settings: Settings, model_dir: Path) -> Any:
 def write_peft_adapter(directory: Path, load: SlotLoad) -> None:
     """One slot's peft tensors → a peft adapter directory vLLM loads (config + safetensors)."""
     directory.mkdir(parents=True)
-    modules = sorted({key.split(".")[-3] for key in load.tensors} & _PEFT_MODULE)
+    modules = sorted({key.split(".")[-3] for key in load.tensors} & set(ALL_MODULES))
     rank = max(int(t.shape[0]) for key, t in load.tensors.items() if ".lora_A." in key)
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": load.scaling * rank,
               "target_modules": modules, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
@@ -224,7 +223,7 @@ class VllmEngine(ServingEngine):
     def _check_fit(self, bundle: Bundle, predictor: Predictor, loads: list[SlotLoad]) -> None:
         manifest = bundle.manifest
         method = manifest.method.value
-        if predictor.custom_forward is not None or type(predictor).attach is not Predictor.attach:
+        if predictor.custom_forward is not None or overrides_hook(predictor, "attach"):
             link = getattr(getattr(predictor, "config", None), "link", None)
             detail = f"link {link!r}" if link else "its own forward hooks (routers)"
             hint = (" (or export it with --link samples, whose weight samples vLLM serves as LoRAs)"
@@ -232,13 +231,10 @@ class VllmEngine(ServingEngine):
             raise BundleRefusedError(
                 f"bundle {manifest.name!r}: method {method!r} with {detail} needs the in-process forward that only "
                 f"the torch engine runs; serve it with UQSERVE_ENGINE=torch{hint}", reason="unsupported_engine")
-        if manifest.lora.rank > self.settings.max_lora_rank:
-            raise BundleRefusedError(f"bundle {manifest.name!r}: LoRA rank {manifest.lora.rank} exceeds this "
-                                     f"server's max_lora_rank {self.settings.max_lora_rank}", reason="rank")
-        unknown = sorted(set(manifest.lora.target_modules) - set(ALL_MODULES))
-        if unknown:
-            raise BundleRefusedError(f"bundle {manifest.name!r}: target modules {unknown} are not supported "
-                                     f"(supported: {list(ALL_MODULES)})", reason="layout")
+        problems = self._lora_problems(bundle)
+        if problems:
+            reason = "rank" if manifest.lora.rank > self.settings.max_lora_rank else "layout"
+            raise BundleRefusedError(f"bundle {manifest.name!r}: " + "; ".join(problems), reason=reason)
         capacity = self.settings.vllm_max_cpu_loras or self.settings.max_slots
         if len(self._adapters) + len(loads) > capacity:
             raise CapacityError(f"needs {len(loads)} LoRA adapters, {capacity - len(self._adapters)} of {capacity} "
