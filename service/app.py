@@ -37,8 +37,7 @@ def curl_example(settings: Settings, bundle: str | None) -> str:
 async def preload(engine: Engine, settings: Settings, metrics: ServiceMetrics) -> None:
     for name in settings.preload_bundles:
         try:
-            await engine.load_bundle(name)
-            metrics.bundle_loads.labels(name).inc()
+            metrics.loaded(await engine.load_bundle(name))
         except EngineError as err:
             metrics.bundle_load_failures.labels(load_failure_reason(err)).inc()
             log.error("bundle %r was not loaded: %s", name, err)
@@ -71,7 +70,11 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
                 raise
         served.set_observer(metrics)
         metrics.attach(served)
-        await served.start()
+        try:
+            await served.start()
+        except UqserveError as err:  # e.g. an unreachable prediction log: one clear line, then uvicorn exits
+            log.error("cannot start the %s engine: %s", settings.engine, err)
+            raise
         app.state.engine = served
         await preload(served, settings, metrics)
         loaded = [s.name for s in served.bundles()]

@@ -15,13 +15,14 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, Summary
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from core.drift import ECE_BINS
 from service.engine import errors as engine_errors
 from service.engine.base import Engine
-from service.engine.types import AnswerResult, EngineObserver
+from service.engine.types import AnswerResult, BundleStatus, CalibrationTerms, EngineObserver, FeedbackOutcome
 
 UNKNOWN_BUNDLE = "_unknown"  # cannot collide: bundle names start with a letter or digit
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -75,6 +76,7 @@ class ServiceMetrics(EngineObserver):
                                 ["bundle", "result"], registry=r)
         self.labelled = Counter("uqserve_labelled_total", "Answers that received a label", ["bundle"],
                                 registry=r)
+        self.calibration = CalibrationCounters(r)
         self._engine: Engine | None = None
 
     # engine observer
@@ -94,6 +96,17 @@ class ServiceMetrics(EngineObserver):
                 self.mutual_information.labels(bundle).observe(result.mutual_information)
             self.max_probability.labels(bundle).observe(result.max_probability)
 
+    def loaded(self, status: BundleStatus) -> None:
+        """A bundle version went live: count it and create its calibration series at zero."""
+        self.bundle_loads.labels(status.name).inc()
+        self.calibration.create(status.name, status.version)
+
+    def joined(self, outcome: FeedbackOutcome) -> None:
+        self.feedback.labels(outcome.bundle, "joined").inc()
+        self.labelled.labels(outcome.bundle).inc()
+        if outcome.terms is not None:
+            self.calibration.add(outcome.bundle, outcome.version, outcome.terms)
+
     def failed(self, bundle: str, err: BaseException, questions: int = 1) -> None:
         loaded = self._engine is not None and any(s.name == bundle for s in self._engine.bundles())
         self.requests.labels(bundle if loaded else UNKNOWN_BUNDLE, "error").inc(questions)
@@ -103,6 +116,49 @@ class ServiceMetrics(EngineObserver):
         if self._engine is None:
             self.registry.register(EngineCollector(lambda: self._engine))
         self._engine = engine
+
+
+class CalibrationCounters:
+    """Fleet-wide calibration: sums over labelled answers per bundle, version and confidence bin (15
+    equal-width bins, ``bin`` = "0" … "14"), so Prometheus recording rules can add them across replicas and
+    compute accuracy, ECE (Σ_b |correct_b − confidence_b| / Σ_b labelled_b), Brier and NLL over any range
+    (``deploy/recording_rules.yml``). Every bin of a loaded version exists from zero, so ``increase()`` does
+    not extrapolate a series' start."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        labels = ["bundle", "version", "bin"]
+        self.labelled = Counter("uqserve_calibration_labelled", "Labelled answers per confidence bin", labels,
+                                registry=registry)
+        self.correct = Counter("uqserve_calibration_correct",
+                               "Labelled answers whose top choice was the label, per confidence bin", labels,
+                               registry=registry)
+        self.confidence = Summary("uqserve_calibration_confidence",
+                                  "Confidence (max probability) of labelled answers, per confidence bin", labels,
+                                  registry=registry)
+        self.brier = Summary("uqserve_calibration_brier", "Multi-class Brier score of labelled answers",
+                             ["bundle", "version"], registry=registry)
+        self.nll = Summary("uqserve_calibration_nll", "Negative log-likelihood (nats) of labelled answers",
+                           ["bundle", "version"], registry=registry)
+        self._created: set[tuple[str, str]] = set()
+
+    def create(self, bundle: str, version: str) -> None:
+        self._created.add((bundle, version))
+        for b in range(ECE_BINS):
+            for family in (self.labelled, self.correct, self.confidence):
+                family.labels(bundle, version, str(b))
+        self.brier.labels(bundle, version)
+        self.nll.labels(bundle, version)
+
+    def add(self, bundle: str, version: str, terms: CalibrationTerms) -> None:
+        b = str(terms.bin)
+        if (bundle, version) not in self._created:  # a version this replica never loaded (fleet feedback)
+            self.create(bundle, version)
+        self.labelled.labels(bundle, version, b).inc()
+        if terms.correct:
+            self.correct.labels(bundle, version, b).inc()
+        self.confidence.labels(bundle, version, b).observe(terms.confidence)
+        self.brier.labels(bundle, version).observe(terms.brier)
+        self.nll.labels(bundle, version).observe(terms.nll)
 
 
 class EngineCollector(Collector):
@@ -150,6 +206,13 @@ class EngineCollector(Collector):
                      ["bundle", "score"], samples["ks"])
         yield _gauge("uqserve_drift_psi", "PSI of live scores vs the bundle's reference histogram",
                      ["bundle", "score"], samples["psi"])
+        thresholds = [([m.bundle, m.version, str(n)], value) for m in monitors for n, value in m.ece_thresholds.items()]
+        yield _gauge("uqserve_calibration_ece_threshold",
+                     "No-drift alarm threshold (99.9 % by default) of the ECE of min_labelled labelled answers of "
+                     "the version; it falls with min_labelled", ["bundle", "version", "min_labelled"], thresholds)
+        yield _gauge("uqserve_calibration_ece_threshold_min_labelled",
+                     "min_labelled as a value, so rules can pick the threshold for a fleet's labelled count",
+                     ["bundle", "version", "min_labelled"], [(labels, float(labels[2])) for labels, _ in thresholds])
         for stat in ("ks", "psi"):
             yield _gauge(f"uqserve_drift_{stat}_threshold",
                          f"No-drift alarm threshold for uqserve_drift_{stat} at the current live-window fill "

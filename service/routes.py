@@ -143,7 +143,7 @@ async def load_bundle(name: str, engine: EngineDep, metrics: MetricsDep) -> Bund
     except EngineError as err:
         metrics.bundle_load_failures.labels(load_failure_reason(err)).inc()
         raise
-    metrics.bundle_loads.labels(name).inc()
+    metrics.loaded(status)
     return BundleActionResponse(action="replaced" if replacing else "loaded",
                                 bundle=BundleInfo.from_status(status), seconds=time.perf_counter() - start)
 
@@ -160,19 +160,19 @@ async def unload_bundle(name: str, engine: EngineDep, metrics: MetricsDep) -> Bu
 
 
 @router.post("/v1/feedback", response_model=FeedbackResponse, tags=["feedback"],
-             responses=_errors(404, 409, 422))
+             responses=_errors(404, 409, 422, 503))
 async def feedback(body: FeedbackRequest, engine: EngineDep, metrics: MetricsDep) -> FeedbackResponse:
-    """Join the correct choice index to an answered request (updates the bundle's calibration window)."""
+    """Join the correct choice index to an answered request: committed to the prediction log (any replica
+    sharing it takes any request's label), counted in the fleet calibration counters and the bundle's window."""
     try:
-        outcome = engine.feedback(body.request_id, body.correct_index)
+        outcome = await engine.feedback(body.request_id, body.correct_index)
     except FeedbackNotFoundError:
         metrics.feedback.labels(UNKNOWN_BUNDLE, "unknown_request").inc()
         raise
     except DuplicateFeedbackError as err:
         metrics.feedback.labels(err.bundle, "duplicate").inc()
         raise
-    metrics.feedback.labels(outcome.bundle, "joined").inc()
-    metrics.labelled.labels(outcome.bundle).inc()
+    metrics.joined(outcome)
     return FeedbackResponse(request_id=outcome.request_id, bundle=outcome.bundle, result=outcome.result)
 
 

@@ -5,6 +5,8 @@ Example: ``UQSERVE_ADMIN_KEY=s3cret UQSERVE_PRELOAD_BUNDLES=default,arc-laplace 
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -62,8 +64,17 @@ class Settings(BaseSettings):
     vllm_cpu_kv_cache_gb: int = Field(default=2, gt=0)  # VLLM_CPU_KVCACHE_SPACE for the CPU build
     vllm_lora_target_modules: Annotated[list[str], NoDecode] | None = None  # default: Llama-family, no LM head
 
+    # prediction log: every answer (and its delayed label) is committed before the response is sent
+    prediction_log: bool = True  # false: answers are held in memory only (feedback_capacity), lost on restart
+    database_url: str | None = None  # SQLAlchemy URL, e.g. postgresql+psycopg://uqserve@db/uqserve for fleets
+    data_dir: Path = Path("data")  # without database_url: SQLite (WAL) at data_dir/predictions.db
+    log_texts: bool = True  # false: log only a sha256 of question, context and choices
+    log_retention_days: float | None = Field(default=90.0, gt=0)  # None = keep forever
+    log_max_batch: int = Field(default=512, gt=0)  # rows per group commit at most
+    replica_id: str | None = None  # recorded with each answer; None = hostname:pid
+
     # monitoring
-    feedback_capacity: int = Field(default=100_000, gt=0)  # requests remembered for delayed labels
+    feedback_capacity: int = Field(default=100_000, gt=0)  # answers held for labels when prediction_log=false
     feedback_window: int = Field(default=500, gt=0)  # labelled requests per bundle in the window gauges
     drift_window: int = Field(default=500, gt=0)  # live requests per bundle in the KS/PSI window
     drift_min_samples: int = Field(default=50, gt=0)  # drift gauges appear once the window holds this many
@@ -89,6 +100,13 @@ class Settings(BaseSettings):
         if self.admin_key is not None and not self.admin_key.get_secret_value().strip():
             raise ValueError("admin_key must not be blank (unset it to disable admin endpoints)")
         return self
+
+    def log_database_url(self) -> str:
+        """The prediction log's database: ``database_url``, else SQLite under ``data_dir``."""
+        return self.database_url or f"sqlite:///{(self.data_dir / 'predictions.db').as_posix()}"
+
+    def replica(self) -> str:
+        return self.replica_id or f"{socket.gethostname()}:{os.getpid()}"
 
     def default_thresholds(self) -> dict[str, float | None]:
         return {

@@ -62,8 +62,8 @@ class Engine(ABC):
         """Loaded bundles, sorted by name."""
 
     @abstractmethod
-    def feedback(self, request_id: str, correct_index: int) -> FeedbackOutcome:
-        """Join a delayed label to an answered request."""
+    async def feedback(self, request_id: str, correct_index: int) -> FeedbackOutcome:
+        """Join a delayed label to an answered request (durably, when the prediction log is on)."""
 
     @abstractmethod
     def monitor(self) -> list[BundleMonitor]:

@@ -63,12 +63,10 @@ class UQEngine(ServingEngine):
         self.observer = observer
         self.batcher.observer = observer
 
-    async def start(self) -> None:
+    async def _start_scoring(self) -> None:
         await self.batcher.start()
-        self._accepting = True
 
-    async def stop(self) -> None:
-        self._accepting = False
+    async def _stop_scoring(self) -> None:
         await self.batcher.stop()
         self.executor.shutdown(wait=True)
         self.multilora.remove()

@@ -1,44 +1,46 @@
-"""Calibration monitoring: delayed-label feedback windows and label-free drift of live scores.
+"""Calibration monitoring: delayed-label windows and label-free drift of live scores, per loaded bundle.
 
-- :class:`FeedbackStore` remembers the last ``capacity`` answered requests (id → bundle, version,
-  probabilities [K]); ``POST /v1/feedback`` joins a label to one of them.
-- Per bundle, the last ``window`` labelled requests give accuracy, ECE, Brier and NLL.
-- Per bundle, the last ``drift_window`` live answers (confidence, entropy, MI) are compared with the
-  bundle's drift reference histograms by KS statistic and PSI.
+- Answers and labels are kept by the prediction log (:mod:`service.predlog`); this module holds, per
+  bundle, the last ``window`` labelled answers (accuracy, ECE, Brier and NLL) and the last ``drift_window``
+  live scores (confidence, entropy, MI) compared with the bundle's drift reference by KS statistic and PSI.
+- A window belongs to one bundle version, identified by ``(version, calibration_hash)``: loading another
+  version starts fresh windows, rebuilt from the log's history of that version (so a restart keeps them),
+  and labels that arrive late for an older version are joined but not counted in the new version's window.
 - Each statistic comes with its no-drift alarm threshold at the current window fill, read from the
   bundle's :class:`~core.drift.DriftReference` (``manifest.calibration.drift``, bootstrapped at export).
   A bundle exported without one gets :func:`core.drift.fallback_drift_reference` from its manifest's
   equal-width histograms and validation ECE, built once per calibration off the event loop
   (:func:`drift_reference`), so no comparison is ever against a bias-blind fixed margin.
+- :func:`calibration_terms` gives one labelled answer's share of the fleet-wide calibration counters.
 
-Windows belong to one loaded version (``generation``): loading a new version starts fresh windows, and
-labels that arrive late for an older version are joined but not counted in the new version's window.
 Everything here except :func:`drift_reference` runs on the event-loop thread and costs O(window) per
 scrape: threshold look-ups are interpolations in a small table, never a bootstrap.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import logging
 import math
 import threading
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
 
 from core import metrics
 from core.bundle import Calibration
+from core.drift import ECE_BINS, DriftReference, fallback_drift_reference, ks_psi_of_counts
 from core.drift import SCORES as DRIFT_SCORES
-from core.drift import DriftReference, fallback_drift_reference, ks_psi_of_counts
-from service.engine.errors import DuplicateFeedbackError, FeedbackNotFoundError, InvalidInputError
-from service.engine.types import BundleMonitor, FeedbackOutcome, WindowStats
+from service.engine.types import BundleMonitor, CalibrationTerms, WindowStats
+from service.predlog import LabelledAnswer, WindowHistory
 
-__all__ = ["DRIFT_SCORES", "DriftStats", "Monitor", "drift_reference"]
+__all__ = ["DRIFT_SCORES", "DriftStats", "Monitor", "calibration_terms", "drift_reference"]
 log = logging.getLogger(__name__)
 _FALLBACKS: dict[str, DriftReference] = {}
 _FALLBACK_LOCK = threading.Lock()
+_UPPER_EDGES = [b / ECE_BINS for b in range(1, ECE_BINS + 1)]  # as core.metrics.reliability_bins
 
 
 def drift_reference(calibration: Calibration) -> DriftReference:
@@ -71,19 +73,30 @@ class DriftStats:
 
 
 @dataclass
-class _Record:
-    bundle: str
-    generation: int
-    probabilities: list[float]  # [K]
-    labelled: bool = False
-
-
-@dataclass
 class _Window:
-    generation: int
+    key: tuple[str, str]  # (version, calibration_hash)
     reference: DriftReference
     labelled: deque[tuple[list[float], int]]  # (probabilities [K], label)
     live: dict[str, deque[float]] = field(default_factory=dict)  # score name → recent values
+
+
+def _add_live(window: _Window, scores: dict[str, float | None]) -> None:
+    for name, values in window.live.items():
+        value = scores.get(name)
+        if value is not None and math.isfinite(value):
+            values.append(value)
+
+
+def calibration_terms(probabilities: list[float], label: int) -> CalibrationTerms:
+    """One labelled answer's terms of the calibration sums (the counters Prometheus aggregates across a
+    fleet): its 15-bin confidence bin as :func:`core.metrics.reliability_bins` bins it, correctness, Brier
+    ``Σ_k (p_k − 1[k = y])²`` and NLL ``−log max(p_y, 1e-12)``. probabilities [K]."""
+    confidence = max(probabilities)
+    bin_index = min(bisect.bisect_left(_UPPER_EDGES, confidence), ECE_BINS - 1)  # first b with c <= (b+1)/B
+    brier = sum((p - (1.0 if k == label else 0.0)) ** 2 for k, p in enumerate(probabilities))
+    return CalibrationTerms(bin=bin_index, confidence=confidence,
+                            correct=probabilities.index(confidence) == label, brier=brier,
+                            nll=-math.log(max(probabilities[label], 1e-12)))
 
 
 def _padded(probs: list[list[float]]) -> torch.Tensor:
@@ -96,55 +109,40 @@ def _padded(probs: list[list[float]]) -> torch.Tensor:
 
 
 class Monitor:
-    """Feedback store plus per-bundle labelled and live windows."""
+    """Per-bundle labelled and live windows."""
 
-    def __init__(self, capacity: int, window: int, drift_window: int, drift_min_samples: int) -> None:
-        self.capacity = capacity
+    def __init__(self, window: int, drift_window: int, drift_min_samples: int) -> None:
         self.window = window
         self.drift_window = drift_window
         self.drift_min_samples = drift_min_samples
-        self._records: OrderedDict[str, _Record] = OrderedDict()
         self._windows: dict[str, _Window] = {}
 
-    def start_bundle(self, name: str, generation: int, reference: DriftReference) -> None:
-        """A new version of ``name`` is live: fresh windows against its drift reference (see
-        :func:`drift_reference`)."""
-        self._windows[name] = _Window(
-            generation=generation, reference=reference, labelled=deque(maxlen=self.window),
-            live={s: deque(maxlen=self.drift_window) for s in DRIFT_SCORES if s in reference.scores})
+    def start_bundle(self, name: str, key: tuple[str, str], reference: DriftReference,
+                     history: WindowHistory | None = None) -> None:
+        """Version ``key`` of ``name`` is live: fresh windows against its drift reference (see
+        :func:`drift_reference`), filled from the log's ``history`` of that version."""
+        window = _Window(key=key, reference=reference, labelled=deque(maxlen=self.window),
+                         live={s: deque(maxlen=self.drift_window) for s in DRIFT_SCORES if s in reference.scores})
+        self._windows[name] = window
+        if history is not None:
+            window.labelled.extend(history.labelled)
+            for scores in history.live:
+                _add_live(window, scores)
 
     def stop_bundle(self, name: str) -> None:
         self._windows.pop(name, None)
 
-    def record(self, request_id: str, bundle: str, generation: int, probabilities: list[float],
-               scores: dict[str, float | None]) -> None:
-        """Remember an answer for feedback and add its live scores to the drift window."""
-        self._records[request_id] = _Record(bundle, generation, probabilities)
-        while len(self._records) > self.capacity:
-            self._records.popitem(last=False)
+    def record(self, bundle: str, key: tuple[str, str], scores: dict[str, float | None]) -> None:
+        """Add an acknowledged answer's live scores to its bundle's drift window."""
         window = self._windows.get(bundle)
-        if window is not None and window.generation == generation:
-            for name, values in window.live.items():
-                value = scores.get(name)
-                if value is not None and math.isfinite(value):
-                    values.append(value)
+        if window is not None and window.key == key:
+            _add_live(window, scores)
 
-    def feedback(self, request_id: str, correct_index: int) -> FeedbackOutcome:
-        record = self._records.get(request_id)
-        if record is None:
-            raise FeedbackNotFoundError(f"no answered request {request_id!r} is held (unknown or evicted)",
-                                        param="request_id")
-        if record.labelled:
-            raise DuplicateFeedbackError(f"request {request_id!r} already has a label", bundle=record.bundle,
-                                         param="request_id")
-        if not 0 <= correct_index < len(record.probabilities):
-            last = len(record.probabilities) - 1
-            raise InvalidInputError(f"correct_index {correct_index} outside 0..{last}", param="correct_index")
-        record.labelled = True
-        window = self._windows.get(record.bundle)
-        if window is not None and window.generation == record.generation:
-            window.labelled.append((record.probabilities, correct_index))
-        return FeedbackOutcome(request_id=request_id, bundle=record.bundle, result="joined")
+    def labelled(self, answer: LabelledAnswer) -> None:
+        """Count a joined label in its bundle's window when it belongs to the live version."""
+        window = self._windows.get(answer.bundle)
+        if window is not None and window.key == (answer.version, answer.calibration_hash):
+            window.labelled.append((answer.probabilities, answer.label))
 
     def window_stats(self, name: str) -> WindowStats | None:
         window = self._windows.get(name)
@@ -178,9 +176,17 @@ class Monitor:
                     thresholds[score] = value
         return stats
 
-    def snapshot(self, name: str, validation_ece: float | None) -> BundleMonitor:
+    def snapshot(self, name: str, version: str, validation_ece: float | None) -> BundleMonitor:
         """Everything the metrics collector reads for one bundle at scrape time."""
         drift = self.drift(name)
-        return BundleMonitor(bundle=name, validation_ece=validation_ece, window=self.window_stats(name),
-                             drift_ks=drift.ks, drift_psi=drift.psi, drift_ks_threshold=drift.ks_threshold,
-                             drift_psi_threshold=drift.psi_threshold)
+        window = self._windows.get(name)
+        ece_thresholds: dict[int, float] = {}
+        if window is not None:
+            for n in window.reference.windows:
+                value = window.reference.ece_threshold(n)
+                if value is not None:
+                    ece_thresholds[n] = value
+        return BundleMonitor(bundle=name, version=version, validation_ece=validation_ece,
+                             window=self.window_stats(name), drift_ks=drift.ks, drift_psi=drift.psi,
+                             drift_ks_threshold=drift.ks_threshold, drift_psi_threshold=drift.psi_threshold,
+                             ece_thresholds=ece_thresholds)

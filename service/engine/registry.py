@@ -9,11 +9,13 @@ event-loop thread (no locks needed).
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from core.answers import AnswerFormat
+from core.bundle import AnswerSpaceSpec
 from service.engine.errors import BundleNotFoundError, CapacityError
 from service.engine.predictors import Predictor
 from service.engine.types import BundleRef
@@ -30,6 +32,7 @@ class BundleEntry:
     answer_format: AnswerFormat
     max_tokens: int
     notes: list[str] = field(default_factory=list)  # attached to every answer (e.g. a numerics mismatch)
+    prompt_hash: str = ""  # see prompt_hash()
     loaded_at: float = field(default_factory=time.time)
     refcount: int = 0
     retired: bool = False
@@ -126,3 +129,9 @@ class Registry:
         if entry in self._retired:
             self._retired.remove(entry)
         self._on_free(entry)
+
+
+def prompt_hash(space: AnswerSpaceSpec) -> str:
+    """sha256 of what fixes a bundle's prompt tokens (prompt version, answer format, token budget), logged with
+    every answer so an audit can tell which prompt produced it."""
+    return hashlib.sha256(space.model_dump_json().encode()).hexdigest()

@@ -7,10 +7,12 @@ An engine differs only in how it turns rows (question × member) into choice sco
 - :meth:`ServingEngine._place`: put a predictor's adapters where rows can use them; return one row handle
   (a LoRA slot, a vLLM LoRA id) per adapter;
 - :meth:`ServingEngine._release`: free them when the version has no requests left;
-- :meth:`ServingEngine._score`: choice scores [R_i, K_i] for each :class:`RowWork`.
+- :meth:`ServingEngine._score`: choice scores [R_i, K_i] for each :class:`RowWork`;
+- :meth:`ServingEngine._start_scoring` / :meth:`ServingEngine._stop_scoring`: bring the scorer up and down.
 
 Everything else (encoding, versions and hot-swap, combining rows through the bundle's predictor,
-abstention, monitoring) is here, so both engines give the same answer for the same scores.
+abstention, the prediction log, monitoring) is here, so both engines give the same answer for the same
+scores, and every answer is committed to the prediction log before :meth:`ServingEngine.answer` returns it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import time
 import uuid
 from abc import abstractmethod
 from collections import defaultdict
+from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 import torch
@@ -36,14 +39,16 @@ from service.engine.errors import (
     BundleIncompatibleError,
     BundleNotFoundError,
     BundleRefusedError,
+    DuplicateFeedbackError,
     EngineUnavailableError,
+    FeedbackNotFoundError,
     InvalidInputError,
     RequestTimeoutError,
 )
 from service.engine.forward import RowWork
-from service.engine.monitoring import Monitor, drift_reference
+from service.engine.monitoring import Monitor, calibration_terms, drift_reference
 from service.engine.predictors import PREDICTORS, Prediction, Predictor, SlotLoad, predictor_for
-from service.engine.registry import BundleEntry, Registry
+from service.engine.registry import BundleEntry, Registry, prompt_hash
 from service.engine.types import (
     AnswerOptions,
     AnswerResult,
@@ -52,6 +57,15 @@ from service.engine.types import (
     BundleStatus,
     FeedbackOutcome,
     Timings,
+)
+from service.predlog import (
+    AlreadyLabelledError,
+    LabelOutOfRangeError,
+    PredictionLogError,
+    PredictionRecord,
+    UnknownRequestError,
+    open_store,
+    texts_hash,
 )
 from service.settings import Settings
 
@@ -68,12 +82,21 @@ class ServingEngine(Engine):
         self.info = info
         self.settings = settings
         self.registry = Registry(self._release)
-        self.monitoring = Monitor(settings.feedback_capacity, settings.feedback_window, settings.drift_window,
-                                  settings.drift_min_samples)
+        self.monitoring = Monitor(settings.feedback_window, settings.drift_window, settings.drift_min_samples)
+        self.store = open_store(settings)
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._accepting = False
+        self._in_flight = 0  # answer and feedback calls between entry and return
 
     # --- what an engine supplies ----------------------------------------------------------------------
+
+    @abstractmethod
+    async def _start_scoring(self) -> None:
+        """Start whatever scores rows (batching loop, vLLM engine)."""
+
+    @abstractmethod
+    async def _stop_scoring(self) -> None:
+        """Finish queued and running rows, then release the scorer."""
 
     @abstractmethod
     async def _score(self, works: list[RowWork]) -> list[tuple[torch.Tensor, Timings]]:
@@ -101,6 +124,21 @@ class ServingEngine(Engine):
             problems.append(f"target modules {unknown} are not supported (supported: {list(ALL_MODULES)})")
         return problems
 
+    # --- lifecycle ------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.store.start()  # PredictionLogError: the server does not start
+        await self._start_scoring()
+        self._accepting = True
+
+    async def stop(self) -> None:
+        self._accepting = False
+        await self._stop_scoring()
+        deadline = time.monotonic() + self.settings.request_timeout_s
+        while self._in_flight and time.monotonic() < deadline:  # scored answers still being logged
+            await asyncio.sleep(0.01)
+        await self.store.stop()
+
     # --- answering ------------------------------------------------------------------------------------
 
     @property
@@ -111,7 +149,9 @@ class ServingEngine(Engine):
                      options: AnswerOptions) -> list[AnswerResult]:
         if not self.ready:
             raise EngineUnavailableError("the engine is not accepting requests (starting, shutting down or dead)")
+        started = time.perf_counter()
         entry = self.registry.acquire(bundle)
+        self._in_flight += 1
         try:
             encoded = [self._encode(entry, q, i, len(questions)) for i, q in enumerate(questions)]
             rows = tuple(entry.predictor.row_slots())
@@ -125,10 +165,45 @@ class ServingEngine(Engine):
             stacked = torch.stack([torch.nn.functional.pad(s, (0, k_max - s.shape[-1]), value=float("-inf"))
                                    for s, _ in outputs])  # [Q, R, K]
             prediction = entry.predictor.combine(stacked)
-            return [self._result(entry, prediction, i, outputs[i][0].shape[-1], timings, options)
-                    for i, (_, timings) in enumerate(outputs)]
+            results = [self._result(entry, prediction, i, outputs[i][0].shape[-1], timings, options)
+                       for i, (_, timings) in enumerate(outputs)]
+            await self._log(entry, questions, results, 1000 * (time.perf_counter() - started))
+            return results
         finally:
+            self._in_flight -= 1
             self.registry.release(entry)
+
+    async def _log(self, entry: BundleEntry, questions: list[Question], results: list[AnswerResult],
+                   latency_ms: float) -> None:
+        """Commit the answers to the prediction log (none is acknowledged otherwise), then count them live."""
+        now = datetime.now(UTC)
+        records = [self._record(entry, q, r, now, latency_ms) for q, r in zip(questions, results, strict=True)]
+        try:
+            await self.store.write(records)
+        except PredictionLogError as err:
+            raise EngineUnavailableError(f"the answer was not recorded, so it is not given: {err}") from None
+        key = (entry.ref.version, entry.ref.calibration_hash)
+        for result in results:
+            self.monitoring.record(entry.name, key, {"confidence": result.max_probability,
+                                                     "predictive_entropy": result.predictive_entropy,
+                                                     "mutual_information": result.mutual_information})
+
+    def _record(self, entry: BundleEntry, question: Question, result: AnswerResult, now: datetime,
+                latency_ms: float) -> PredictionRecord:
+        choices = list(question.choices)
+        keep = self.settings.log_texts
+        return PredictionRecord(
+            request_id=result.request_id, created_at=now, bundle=entry.name, version=entry.ref.version,
+            method=entry.ref.method, base_model_hash=entry.ref.base_model_hash,
+            calibration_hash=entry.ref.calibration_hash, prompt_hash=entry.prompt_hash,
+            question=question.question if keep else None, context=question.context if keep else None,
+            choices=choices if keep else None, texts_hash=texts_hash(question.question, question.context, choices),
+            probabilities=result.probabilities, answer_index=result.answer_index,
+            max_probability=result.max_probability, predictive_entropy=result.predictive_entropy,
+            expected_entropy=result.expected_entropy, mutual_information=result.mutual_information,
+            feu=result.feu, thresholds={"values": result.thresholds_used.values,
+                                        "sources": result.thresholds_used.sources},
+            abstained=result.abstained, abstain_reasons=list(result.abstain_reasons), latency_ms=latency_ms)
 
     def _encode(self, entry: BundleEntry, question: Question, index: int, total: int) -> EncodedQuestion:
         try:
@@ -152,13 +227,9 @@ class ServingEngine(Engine):
         members = None
         if options.return_members and prediction.member_probs is not None:
             members = prediction.member_probs[i, :, :k].tolist()
-        request_id = uuid.uuid4().hex
-        prob_list = probs.tolist()
-        live = {"confidence": max_prob, "predictive_entropy": entropy, "mutual_information": mi}
-        self.monitoring.record(request_id, entry.name, entry.generation, prob_list, live)
         return AnswerResult(
-            request_id=request_id, answer_index=int(probs.argmax()), abstained=bool(reasons),
-            abstain_reasons=reasons, probabilities=prob_list, predictive_entropy=entropy,
+            request_id=uuid.uuid4().hex, answer_index=int(probs.argmax()), abstained=bool(reasons),
+            abstain_reasons=reasons, probabilities=probs.tolist(), predictive_entropy=entropy,
             expected_entropy=float(scores.expected_entropy[i]) if prediction.has_mi else None,
             mutual_information=mi, max_probability=max_prob, members=members, thresholds_used=used,
             feu=feu,
@@ -185,9 +256,12 @@ class ServingEngine(Engine):
                 raise BundleRefusedError(f"directory {name!r} holds bundle {bundle.manifest.name!r}",
                                          reason="invalid_bundle")
             reference = await asyncio.to_thread(drift_reference, bundle.manifest.calibration)
+            ref = bundle.manifest
+            history = await self.store.history(name, ref.version, ref.calibration_hash(),
+                                               self.settings.feedback_window, self.settings.drift_window)
             entry = await self._activate(bundle)
             old = self.registry.install(entry)
-            self.monitoring.start_bundle(name, entry.generation, reference)
+            self.monitoring.start_bundle(name, (entry.ref.version, entry.ref.calibration_hash), reference, history)
             log.info("%s bundle %s v%s (%d adapters, %s engine) in %.3f s", "replaced" if old else "loaded", name,
                      entry.ref.version, len(entry.slots), self.name, time.perf_counter() - started)
             return self._status(entry)
@@ -220,7 +294,8 @@ class ServingEngine(Engine):
                          "stated coverage, risk and validation ECE were not measured on these numerics")
         return BundleEntry(name=manifest.name, generation=self.registry.next_generation(),
                            predictor=predictor, ref=ref, answer_format=manifest.answer_space.answer_format,
-                           max_tokens=manifest.answer_space.max_tokens, notes=notes)
+                           max_tokens=manifest.answer_space.max_tokens, notes=notes,
+                           prompt_hash=prompt_hash(manifest.answer_space))
 
     async def unload_bundle(self, name: str) -> BundleStatus:
         async with self._locks[name]:
@@ -247,9 +322,25 @@ class ServingEngine(Engine):
 
     # --- monitoring -----------------------------------------------------------------------------------
 
-    def feedback(self, request_id: str, correct_index: int) -> FeedbackOutcome:
-        return self.monitoring.feedback(request_id, correct_index)
+    async def feedback(self, request_id: str, correct_index: int) -> FeedbackOutcome:
+        self._in_flight += 1
+        try:
+            answer = await self.store.label(request_id, correct_index)
+        except UnknownRequestError as err:
+            raise FeedbackNotFoundError(str(err), param="request_id") from None
+        except AlreadyLabelledError as err:
+            raise DuplicateFeedbackError(str(err), bundle=err.bundle, param="request_id") from None
+        except LabelOutOfRangeError as err:
+            raise InvalidInputError(str(err), param="correct_index") from None
+        except PredictionLogError as err:
+            raise EngineUnavailableError(f"the label was not recorded: {err}") from None
+        finally:
+            self._in_flight -= 1
+        self.monitoring.labelled(answer)
+        return FeedbackOutcome(request_id=request_id, bundle=answer.bundle, result="joined", version=answer.version,
+                               terms=calibration_terms(answer.probabilities, answer.label))
 
     def monitor(self) -> list[BundleMonitor]:
-        return [self.monitoring.snapshot(entry.name, entry.predictor.manifest.calibration.validation_metrics.get("ece"))
+        return [self.monitoring.snapshot(entry.name, entry.ref.version,
+                                         entry.predictor.manifest.calibration.validation_metrics.get("ece"))
                 for entry in self.registry.entries()]

@@ -84,10 +84,24 @@ class BundleStatus:
 
 
 @dataclass(frozen=True)
+class CalibrationTerms:
+    """One labelled answer's share of the calibration sums: confidence bin (15 equal-width bins
+    ``(b/15, (b+1)/15]``, 0 in bin 0), confidence = max probability, argmax = label, Brier and NLL terms."""
+
+    bin: int
+    confidence: float
+    correct: bool
+    brier: float
+    nll: float
+
+
+@dataclass(frozen=True)
 class FeedbackOutcome:
     request_id: str
     bundle: str
     result: str  # "joined"
+    version: str = ""
+    terms: CalibrationTerms | None = None
 
 
 @dataclass(frozen=True)
@@ -113,6 +127,8 @@ class BundleMonitor:
     drift_psi: dict[str, float]
     drift_ks_threshold: dict[str, float] = field(default_factory=dict)  # score → no-drift alarm threshold
     drift_psi_threshold: dict[str, float] = field(default_factory=dict)
+    version: str = ""
+    ece_thresholds: dict[int, float] = field(default_factory=dict)  # labelled n → no-drift ECE alarm threshold
 
 
 class EngineObserver:

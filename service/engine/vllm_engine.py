@@ -131,11 +131,10 @@ class VllmEngine(ServingEngine):
 
     # --- lifecycle ------------------------------------------------------------------------------------
 
-    async def start(self) -> None:
-        self._accepting = True
+    async def _start_scoring(self) -> None:
+        pass  # AsyncLLM runs from construction
 
-    async def stop(self) -> None:
-        self._accepting = False
+    async def _stop_scoring(self) -> None:
         deadline = time.monotonic() + self.settings.request_timeout_s
         while self._in_flight_rows and time.monotonic() < deadline:  # let running requests finish
             await asyncio.sleep(0.05)

@@ -148,7 +148,7 @@ class FakeEngine(Engine):
     def bundles(self) -> list[BundleStatus]:
         return [self.loaded[n] for n in sorted(self.loaded)]
 
-    def feedback(self, request_id: str, correct_index: int) -> FeedbackOutcome:
+    async def feedback(self, request_id: str, correct_index: int) -> FeedbackOutcome:
         if request_id not in self.answered_ids:
             raise E.FeedbackNotFoundError("unknown", param="request_id")
         if request_id in self.labels:

@@ -139,8 +139,17 @@ def test_window_and_drift_gauges_match_independent_references(engine_factory: An
         assert dup.status_code == 409
         assert gauge("uqserve_feedback_total", result="duplicate") == 1
 
+        # reloading the same version rebuilds its windows from the prediction log: the same gauges
+        before = {name: value(name) for name in ("uqserve_window_ece", "uqserve_window_labelled",
+                                                 "uqserve_window_brier", "uqserve_window_nll")}
+        ks_before = value("uqserve_drift_ks", score="confidence")
+        client.portal.call(engine.load_bundle, "b")  # type: ignore[union-attr]
+        assert {name: value(name) for name in before} == before
+        assert value("uqserve_drift_ks", score="confidence") == ks_before
+
         # a new version starts fresh windows; labels for the old version are joined but not counted
         fresh = client.post("/v1/answer", json=_question(99)).json()
+        bundle_maker(bundle_root, "b", members=3, scale=0.3, version="2")
         client.portal.call(engine.load_bundle, "b")  # type: ignore[union-attr]
         assert gauge("uqserve_window_labelled") is None and gauge("uqserve_window_ece_threshold") is None
         r = client.post("/v1/feedback", json={"request_id": fresh["request_id"], "correct_index": 0})
