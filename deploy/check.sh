@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Validate the monitoring config: Prometheus config and alert rules (promtool), alert unit tests,
+# Validate the monitoring config: Prometheus config, alert and recording rules (promtool), their unit tests,
 # and the Grafana dashboard JSON. Run from anywhere: bash deploy/check.sh
 # promtool comes with Debian's prometheus package: apt-get install -y --no-install-recommends prometheus
 set -euo pipefail
@@ -12,7 +12,7 @@ fi
 PYTHON=${PYTHON:-python3}
 
 promtool check config deploy/prometheus.yml   # also checks rule_files (resolved next to the config)
-promtool check rules deploy/alerts.yml
+promtool check rules deploy/alerts.yml deploy/recording_rules.yml
 promtool test rules deploy/alerts_test.yml
 for f in deploy/grafana/dashboards/*.json; do
   "$PYTHON" -m json.tool "$f" >/dev/null

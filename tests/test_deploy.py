@@ -1,8 +1,9 @@
 """Deployment files: Prometheus config and alert rules (promtool), the Grafana dashboard, Docker files.
 
 The promtool tests are skipped when promtool is absent (Debian: ``apt-get install prometheus``). The
-others check that the dashboard and the alerts only query metrics, labels and label values that the
-service exports (the list below mirrors the metrics the service registers).
+others check that the dashboard, the alerts and the recording rules only query metrics, labels and label
+values that the service exports (the list below mirrors the metrics the service registers), or
+``uqserve:...`` series recorded in deploy/recording_rules.yml.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ yaml = pytest.importorskip("yaml")
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "uqserve.json"
+RECORDING_RULES = DEPLOY / "recording_rules.yml"
 
-# name -> (type, label names)
+# name -> (type, label names); a histogram or summary also exports <name>_sum and <name>_count.
 METRICS: dict[str, tuple[str, set[str]]] = {
     "uqserve_request_latency_seconds": ("histogram", {"endpoint"}),
     "uqserve_queue_wait_seconds": ("histogram", set()),
@@ -51,7 +53,17 @@ METRICS: dict[str, tuple[str, set[str]]] = {
     "uqserve_drift_psi": ("gauge", {"bundle", "score"}),
     "uqserve_drift_ks_threshold": ("gauge", {"bundle", "score"}),
     "uqserve_drift_psi_threshold": ("gauge", {"bundle", "score"}),
+    # Fleet calibration: per bundle version and confidence bin, pre-created at 0 when the version loads.
+    "uqserve_calibration_labelled_total": ("counter", {"bundle", "version", "bin"}),
+    "uqserve_calibration_correct_total": ("counter", {"bundle", "version", "bin"}),
+    "uqserve_calibration_confidence": ("summary", {"bundle", "version", "bin"}),  # no quantiles
+    "uqserve_calibration_brier": ("summary", {"bundle", "version"}),
+    "uqserve_calibration_nll": ("summary", {"bundle", "version"}),
+    "uqserve_calibration_ece_threshold": ("gauge", {"bundle", "version", "min_labelled"}),
+    "uqserve_calibration_ece_threshold_min_labelled": ("gauge", {"bundle", "version", "min_labelled"}),
 }
+CALIBRATION_BINS = {str(b) for b in range(15)}  # core.metrics.reliability_bins' default n_bins
+ECE_THRESHOLD_GRID = {"50", "100", "200", "500", "1000"}
 # Closed label-value sets, per metric (bundle, endpoint and load-failure reason are open).
 LABEL_VALUES: dict[tuple[str, str], set[str]] = {
     ("uqserve_requests_total", "outcome"): {"answered", "abstained", "error"},
@@ -60,16 +72,28 @@ LABEL_VALUES: dict[tuple[str, str], set[str]] = {
     ("uqserve_feedback_total", "result"): {"joined", "unknown_request", "duplicate"},
     **{(f"uqserve_drift_{stat}{suffix}", "score"): {"confidence", "predictive_entropy", "mutual_information"}
        for stat in ("ks", "psi") for suffix in ("", "_threshold")},
+    **{(f"uqserve_calibration_{name}", "bin"): CALIBRATION_BINS
+       for name in ("labelled_total", "correct_total", "confidence")},
+    **{(f"uqserve_calibration_ece_threshold{suffix}", "min_labelled"): ECE_THRESHOLD_GRID
+       for suffix in ("", "_min_labelled")},
 }
 TARGET_LABELS = {"job", "instance"}
-ALERTS = {"CalibrationDrift", "AbstentionRateJump", "ScoreShiftKS", "ScoreShiftPSI", "HighErrorRate",
-          "QueueSaturation", "HighLatency", "ServiceDown"}
+ALERTS = {"CalibrationDrift", "CalibrationDriftReplica", "AbstentionRateJump", "ScoreShiftKS", "ScoreShiftPSI",
+          "HighErrorRate", "QueueSaturation", "HighLatency", "ServiceDown"}
 # Grafana variables -> something PromQL parses, for promtool.
 GRAFANA_VARS = {"$__rate_interval": "1m", "$__interval": "1m", "$__range": "1h", "$bundle": ".*",
                 "$instance": ".*"}
+# Recording rules: uqserve:calibration_<metric>:<op><range>, for both ranges.
+RECORDED = {f"uqserve:calibration_{metric}:{op}{rng}"
+            for rng in ("1h", "1d")
+            for metric, op in (("labelled", "increase"), ("correct", "increase"), ("confidence_sum", "increase"),
+                               ("labelled", ""), ("accuracy", ""), ("ece", ""), ("brier", ""), ("nll", ""),
+                               ("ece_threshold", ""))}
 
 _NAME = re.compile(r"\buqserve_\w+")
-_SELECTOR = re.compile(r"\b(uqserve_\w+)\s*\{([^}]*)\}")
+_RECORDED_NAME = re.compile(r"\buqserve:[A-Za-z_][\w:]*")  # not a host:port such as uqserve:8000
+_SELECTOR = re.compile(r"\b(uqserve(?:_|:[A-Za-z_])[\w:]*)\s*\{([^}]*)\}")
+_BY = re.compile(r"\s*(?:sum|min|max) by \(([^)]*)\)")
 _MATCHER = re.compile(r'(\w+)\s*(?:=~|!~|!=|=)\s*"([^"]*)"')
 
 
@@ -79,21 +103,35 @@ def base_metric(name: str) -> tuple[str, set[str]]:
         return name, METRICS[name][1] | TARGET_LABELS
     for suffix in ("_bucket", "_sum", "_count"):
         base = name.removesuffix(suffix)
-        if base != name and METRICS.get(base, ("",))[0] == "histogram":
+        kind = METRICS.get(base, ("",))[0]
+        if base != name and (kind == "histogram" or (kind == "summary" and suffix != "_bucket")):
             extra = {"le"} if suffix == "_bucket" else set()
             return base, METRICS[base][1] | TARGET_LABELS | extra
     raise AssertionError(f"unknown metric {name!r}")
 
 
+def series_labels(name: str) -> tuple[str, set[str]]:
+    """base_metric, or for a uqserve:... name the recording rule's output labels (its outer `by`)."""
+    if ":" not in name:
+        return base_metric(name)
+    rules = recording_rules()
+    if name not in rules:
+        raise AssertionError(f"no recording rule {name!r} in {RECORDING_RULES.name}")
+    by = _BY.match(rules[name]["expr"])
+    assert by, f"{name}: expression does not start with an aggregation `by (...)`"
+    return name, {label.strip() for label in by.group(1).split(",")}
+
+
 def check_promql(expr: str, where: str) -> None:
-    """Every uqserve_* name is exported; every matcher uses a real label and a real closed value."""
-    for name in _NAME.findall(expr):
+    """Every uqserve_* name is exported, every uqserve:... name recorded; every matcher uses a real label
+    and a real closed value."""
+    for name in _NAME.findall(expr) + _RECORDED_NAME.findall(expr):
         try:
-            base_metric(name)
+            series_labels(name)
         except AssertionError as err:
             raise AssertionError(f"{where}: {err} in {expr!r}") from None
     for name, matchers in _SELECTOR.findall(expr):
-        base, labels = base_metric(name)
+        base, labels = series_labels(name)
         for label, value in _MATCHER.findall(matchers):
             assert label in labels, f"{where}: {name} has no label {label!r}: {expr!r}"
             allowed = LABEL_VALUES.get((base, label))
@@ -119,6 +157,20 @@ def alert_rules() -> dict[str, dict[str, Any]]:
     return {rule["alert"]: rule for group in groups for rule in group["rules"] if "alert" in rule}
 
 
+def recording_rules() -> dict[str, dict[str, Any]]:
+    """Recording rules by name, in file order."""
+    groups = load_yaml(RECORDING_RULES)["groups"]
+    return {rule["record"]: rule for group in groups for rule in group["rules"] if "record" in rule}
+
+
+def exported_metrics(expr: str) -> set[str]:
+    """The exported metrics an expression reads, directly or through recording rules."""
+    used = {base_metric(name)[0] for name in _NAME.findall(expr)}
+    for name in _RECORDED_NAME.findall(expr):
+        used |= exported_metrics(recording_rules()[name]["expr"])
+    return used
+
+
 def dashboard_panels(panels: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for panel in panels:
@@ -142,11 +194,15 @@ def dashboard_exprs() -> list[tuple[str, str]]:
 
 def test_promtool_check_config() -> None:
     out = promtool("check", "config", "deploy/prometheus.yml")
-    assert "1 rule files found" in out  # rule_files resolve next to the config: deploy/alerts.yml
+    assert "2 rule files found" in out  # resolved next to the config: deploy/alerts.yml, recording_rules.yml
 
 
 def test_promtool_check_rules() -> None:
     assert f"{len(ALERTS)} rules found" in promtool("check", "rules", "deploy/alerts.yml")
+
+
+def test_promtool_check_recording_rules() -> None:
+    assert f"{len(RECORDED)} rules found" in promtool("check", "rules", "deploy/recording_rules.yml")
 
 
 def test_promtool_alert_unit_tests() -> None:
@@ -177,11 +233,14 @@ def test_alert_rules_complete_and_use_known_metrics() -> None:
         assert rule.get("for"), name
         check_promql(rule["expr"], name)
         check_promql(rule["annotations"]["description"], f"{name} description")
-    # drift alerts: the statistic against its no-drift threshold gauge, never a fixed margin
-    for alert, stat in (("CalibrationDrift", "uqserve_window_ece"), ("ScoreShiftKS", "uqserve_drift_ks"),
+    # drift alerts: the statistic against its no-drift threshold, never a fixed margin
+    for alert, stat in (("CalibrationDrift", "uqserve:calibration_ece"),
+                        ("CalibrationDriftReplica", "uqserve_window_ece"), ("ScoreShiftKS", "uqserve_drift_ks"),
                         ("ScoreShiftPSI", "uqserve_drift_psi")):
         expr = rules[alert]["expr"]
-        assert re.fullmatch(rf"\s*{stat}\s+> {stat}_threshold\s+#[^\n]*\s*", expr), (alert, expr)
+        threshold = f"{stat}_threshold:1h" if ":" in stat else f"{stat}_threshold"
+        stat = f"{stat}:1h" if ":" in stat else stat
+        assert re.fullmatch(rf"\s*{stat}\s+> {threshold}\s+#[^\n]*\s*", expr), (alert, expr)
         assert rules[alert]["for"] == "15m"
     assert "offset 10m" in rules["AbstentionRateJump"]["expr"]
     assert "histogram_quantile(0.95" in rules["HighLatency"]["expr"]
@@ -189,14 +248,51 @@ def test_alert_rules_complete_and_use_known_metrics() -> None:
 
 def test_alert_unit_tests_cover_every_alert_firing_and_quiet() -> None:
     spec = load_yaml(DEPLOY / "alerts_test.yml")
-    firing, quiet = set(), set()
+    assert spec["rule_files"] == ["alerts.yml", "recording_rules.yml"]
+    firing, quiet, asserted = set(), set(), set()
     for case in spec["tests"]:
         for series in case["input_series"]:
             check_promql(series["series"], "alerts_test.yml")
         for check in case.get("alert_rule_test", []):
             (firing if check.get("exp_alerts") else quiet).add(check["alertname"])
+        for check in case.get("promql_expr_test", []):
+            check_promql(check["expr"], "alerts_test.yml")
+            asserted |= set(_RECORDED_NAME.findall(check["expr"]))
     assert firing == ALERTS
     assert quiet == ALERTS
+    assert asserted == RECORDED, f"recording rules without a value test: {sorted(RECORDED - asserted)}"
+
+
+# --- recording rules --------------------------------------------------------------------------------
+
+def test_recording_rules_complete_and_use_known_metrics() -> None:
+    rules = recording_rules()
+    assert set(rules) == RECORDED
+    (group,) = load_yaml(RECORDING_RULES)["groups"]
+    assert group["name"] == "uqserve-fleet-calibration"
+    defined: set[str] = set()
+    for name, rule in rules.items():
+        expr = rule["expr"]
+        check_promql(expr, name)
+        # A group evaluates in order at one timestamp: a rule may only read the rules above it.
+        assert set(_RECORDED_NAME.findall(expr)) <= defined, f"{name} reads a rule recorded after it"
+        defined.add(name)
+        # Fleet level: aggregated by bundle and version (and bin for the per-bin increases), never per replica.
+        _, labels = series_labels(name)
+        assert labels == ({"bundle", "version", "bin"} if ":increase" in name else {"bundle", "version"}), name
+        assert "instance" not in expr and "job" not in expr, name
+    # The 1d rules are the 1h rules over [1d].
+    for name in sorted(r for r in RECORDED if r.endswith("1h")):
+        day = name.removesuffix("1h") + "1d"
+        assert rules[day]["expr"] == rules[name]["expr"].replace("1h", "1d"), day
+    # ECE is Σ_b |correct_b − confidence_sum_b| / N, the threshold the min over grid points <= N.
+    assert "abs(uqserve:calibration_correct:increase1h - uqserve:calibration_confidence_sum:increase1h)" in \
+        rules["uqserve:calibration_ece:1h"]["expr"]
+    threshold = re.sub(r"\(\s+", "(", re.sub(r"\s+\)", ")", " ".join(
+        rules["uqserve:calibration_ece_threshold:1h"]["expr"].split())))
+    assert threshold.startswith("min by (bundle, version) (uqserve_calibration_ece_threshold and on")
+    assert "uqserve_calibration_ece_threshold_min_labelled <= on (bundle, version) group_left " \
+           "uqserve:calibration_labelled:1h" in threshold
 
 
 # --- Grafana ----------------------------------------------------------------------------------------
@@ -206,8 +302,11 @@ def test_dashboard_uses_only_exported_metrics() -> None:
     assert len(exprs) > 20
     for where, expr in exprs:
         check_promql(expr, where)
-    used = {base_metric(name)[0] for _, expr in exprs for name in _NAME.findall(expr)}
+    used = set().union(*(exported_metrics(expr) for _, expr in exprs))  # through recording rules too
     assert used == set(METRICS), f"not on the dashboard: {sorted(set(METRICS) - used)}"
+    recorded = {name for _, expr in exprs for name in _RECORDED_NAME.findall(expr)}
+    for name in ("ece", "ece_threshold", "accuracy", "brier", "nll", "labelled"):
+        assert f"uqserve:calibration_{name}:1h" in recorded, name
 
 
 def test_dashboard_structure() -> None:
@@ -239,7 +338,7 @@ def test_prometheus_scrapes_the_service() -> None:
     (job,) = config["scrape_configs"]
     assert job["static_configs"][0]["targets"] == ["uqserve:8000"]
     assert job["metrics_path"] == "/metrics" and job["scrape_interval"] == "15s"
-    assert config["rule_files"] == ["alerts.yml"]
+    assert config["rule_files"] == ["alerts.yml", "recording_rules.yml"]
 
 
 def test_compose_wiring() -> None:
@@ -255,6 +354,9 @@ def test_compose_wiring() -> None:
     assert app["environment"]["UQSERVE_ADMIN_KEY"] == "${UQSERVE_ADMIN_KEY:?set it in .env}"
     assert "./bundles:/bundles:ro" in app["volumes"]
     assert "/readyz" in " ".join(app["healthcheck"]["test"])
+    prometheus = services["prometheus"]["volumes"]
+    for rules in load_yaml(DEPLOY / "prometheus.yml")["rule_files"]:  # mounted next to prometheus.yml
+        assert f"./deploy/{rules}:/etc/prometheus/{rules}:ro" in prometheus, rules
     for service in services.values():
         for volume in service.get("volumes", []):
             source = volume.split(":")[0]
