@@ -51,8 +51,10 @@ from core.metrics import ece, reference_histograms
 from core.uncertainty import decompose
 from service.engine.monitoring import Monitor, drift_reference
 from service.engine.types import BundleMonitor
+from service.predlog import LabelledAnswer
 
 SCRAPE_S = 15
+VERSION = ("1", "calibration-hash")  # the monitored window's (version, calibration hash)
 FOR_EVALS = 60  # ``for: 15m`` at one evaluation per 15 s: the condition holds at 61 consecutive evaluations
 DAY = 24 * 3600 // SCRAPE_S
 Pool = dict[str, Any]
@@ -91,7 +93,7 @@ def stream(pools: list[Pool], which: Callable[[int], int], scrapes: int, monitor
            rng: np.random.Generator) -> dict[str, dict[str, np.ndarray]]:
     """Stream answers through every monitor; per rule set and alert, the condition at each evaluation [scrapes]."""
     for name, (monitor, reference) in monitors.items():
-        monitor.start_bundle(name, 1, reference)
+        monitor.start_bundle(name, VERSION, reference)
     out: dict[str, dict[str, list[bool]]] = {"new": {}, "fallback": {}, "old": {}}
     request = 0
     for t in range(scrapes):
@@ -102,11 +104,11 @@ def stream(pools: list[Pool], which: Callable[[int], int], scrapes: int, monitor
             scores = {"confidence": pool["confidence"][i], "predictive_entropy": pool["entropy"][i]}
             labelled = rng.random() < label_fraction
             for name, (monitor, _) in monitors.items():
-                monitor.record(rid, name, 1, pool["rows"][i], scores)
+                monitor.record(name, VERSION, scores)
                 if labelled:
-                    monitor.feedback(rid, int(pool["labels"][i]))
+                    monitor.labelled(LabelledAnswer(rid, name, *VERSION, pool["rows"][i], int(pool["labels"][i])))
         for name, (monitor, _) in monitors.items():
-            snap = monitor.snapshot(name, validation_ece)
+            snap = monitor.snapshot(name, VERSION[0], validation_ece)
             sets = [(name, conditions(snap, validation_ece, False))]
             if name == "fallback":
                 sets.append(("old", conditions(snap, validation_ece, True)))
@@ -132,7 +134,7 @@ def with_any(alerts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def monitors(reference: Any, fallback: Any) -> dict[str, tuple[Monitor, Any]]:
-    return {"new": (Monitor(10**6, 500, 500, 50), reference), "fallback": (Monitor(10**6, 500, 500, 50), fallback)}
+    return {"new": (Monitor(500, 500, 50), reference), "fallback": (Monitor(500, 500, 50), fallback)}
 
 
 def summary_no_drift(rows: list[Any]) -> dict[str, Any]:

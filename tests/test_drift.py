@@ -22,6 +22,7 @@ from core import drift, metrics
 from core.bundle import Calibration
 from core.uncertainty import UncertaintyScores, decompose
 from service.engine.monitoring import Monitor
+from service.predlog import LabelledAnswer
 
 DAY = 24 * 3600 // 15  # rule evaluations in a day
 FOR_EVALS = 60  # for: 15m at 15 s
@@ -188,13 +189,16 @@ def test_fallback_reference_from_an_old_manifest() -> None:
 # --- streams through the Monitor ----------------------------------------------------------------------
 
 
+VERSION = ("1", "calibration-hash")  # the window's (version, calibration hash)
+
+
 def stream(reference: drift.DriftReference, phases: list[tuple[int, dict[str, float]]],
            seed: int) -> dict[str, list[bool]]:
     """Stream ``model(**kwargs)`` answers for each (evaluations, kwargs) phase; per alert (``ece``,
     ``ks_<score>``, ``psi_<score>``) whether its condition holds at each rule evaluation."""
     gen = torch.Generator().manual_seed(seed)
-    monitor = Monitor(capacity=10**6, window=500, drift_window=500, drift_min_samples=50)
-    monitor.start_bundle("b", 1, reference)
+    monitor = Monitor(window=500, drift_window=500, drift_min_samples=50)
+    monitor.start_bundle("b", VERSION, reference)
     alerts = ["ece"] + [f"{s}_{score}" for s in ("ks", "psi") for score in drift.SCORES]
     out: dict[str, list[bool]] = {a: [] for a in alerts}
     request = 0
@@ -205,11 +209,11 @@ def stream(reference: drift.DriftReference, phases: list[tuple[int, dict[str, fl
         scores = {k: v.tolist() for k, v in live_scores(u).items()}
         for evaluation in range(evaluations):
             for i in range(4 * evaluation, 4 * evaluation + 4):
-                monitor.record(str(request), "b", 1, rows[i], {k: v[i] for k, v in scores.items()})
+                monitor.record("b", VERSION, {k: v[i] for k, v in scores.items()})
                 if labelled[i]:
-                    monitor.feedback(str(request), labels[i])
+                    monitor.labelled(LabelledAnswer(str(request), "b", *VERSION, rows[i], labels[i]))
                 request += 1
-            snap = monitor.snapshot("b", None)
+            snap = monitor.snapshot("b", VERSION[0], None)
             w = snap.window
             out["ece"].append(w is not None and w.ece_threshold is not None and w.ece > w.ece_threshold)
             for stat, values, thresholds in (("ks", snap.drift_ks, snap.drift_ks_threshold),

@@ -1,4 +1,4 @@
-"""``uqserve`` command: ``train {ensemble,laplace,uq4ct}``, ``eval``, ``calibrate``, ``serve``.
+"""``uqserve`` command: ``train {ensemble,laplace,uq4ct}``, ``eval``, ``calibrate``, ``serve``, ``log``.
 
 Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``;
 modules are imported only when their subcommand runs, so serving never imports training code.
@@ -19,6 +19,7 @@ _TOP = {
     "eval": ("training.eval_cli", "evaluate a bundle on a dataset split (metrics JSON + plots)"),
     "calibrate": ("training.calibrate_cli", "re-choose a bundle's served abstention rule on labelled questions"),
     "serve": ("service.cli", "run the HTTP service"),
+    "log": ("service.predlog.export", "the prediction log: export answers and labels, upgrade, purge"),
 }
 
 
