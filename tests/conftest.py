@@ -85,3 +85,18 @@ def _no_leaked_hooks(request: pytest.FixtureRequest):
     leaked = _hook_count(model) - before
     if leaked > 0:
         pytest.fail(f"{request.node.nodeid} left {leaked} hook(s) on the shared tiny model")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _prediction_log_in_tmp(tmp_path_factory: pytest.TempPathFactory):
+    """Servers built in tests (and their subprocesses) log answers under a temporary state directory, never
+    into the checkout, unless a test sets its own."""
+    import os
+
+    previous = os.environ.get("UQSERVE_STATE_DIR")
+    os.environ["UQSERVE_STATE_DIR"] = str(tmp_path_factory.mktemp("state"))
+    yield
+    if previous is None:
+        os.environ.pop("UQSERVE_STATE_DIR", None)
+    else:
+        os.environ["UQSERVE_STATE_DIR"] = previous

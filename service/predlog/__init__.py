@@ -1,6 +1,6 @@
 """The prediction log: every answer and its delayed label, durable before the response is sent.
 
-:func:`open_store` picks the store from settings: SQLite under ``UQSERVE_DATA_DIR`` by default,
+:func:`open_store` picks the store from settings: SQLite under ``UQSERVE_STATE_DIR`` by default,
 ``UQSERVE_DATABASE_URL`` (PostgreSQL for fleets), or in memory when ``UQSERVE_PREDICTION_LOG=false``.
 """
 

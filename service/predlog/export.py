@@ -4,7 +4,7 @@ recalibrating a bundle on live labelled traffic.
     uqserve log export --since 2026-12-01 --format parquet --out audit.parquet
     uqserve log export --bundle default --labelled-only --format csv --out labelled.csv
 
-The database is the server's (``UQSERVE_DATABASE_URL``, else SQLite under ``UQSERVE_DATA_DIR``) unless
+The database is the server's (``UQSERVE_DATABASE_URL``, else SQLite under ``UQSERVE_STATE_DIR``) unless
 ``--database-url`` names another. Rows stream in time order, a chunk at a time, so memory stays flat.
 """
 
@@ -30,7 +30,7 @@ COLUMNS = tuple(c.name for c in predictions.columns)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--database-url", help="SQLAlchemy URL (default: the server's UQSERVE_DATABASE_URL, else "
-                                               "sqlite under UQSERVE_DATA_DIR)")
+                                               "sqlite under UQSERVE_STATE_DIR)")
     sub = parser.add_subparsers(dest="action", required=True)
     export = sub.add_parser("export", help="write logged answers to CSV or Parquet")
     export.add_argument("--since", type=_timestamp, help="first answer time, ISO 8601 (UTC unless it says)")

@@ -106,7 +106,7 @@ def tiny_settings(root: Path, **overrides: Any) -> Settings:
         "max_wait_ms": 2.0,
         "torch_threads": 1,
         "drift_min_samples": 5,
-        "data_dir": Path(root).parent / "data",  # each test's own SQLite prediction log
+        "state_dir": Path(root).parent / "state",  # each test's own SQLite prediction log
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]

@@ -299,3 +299,36 @@ def test_the_schema_module_matches_the_migrations(tmp_path: Path) -> None:
         diff = compare_metadata(MigrationContext.configure(connection), metadata)
     database.dispose()
     assert diff == []
+
+
+def test_log_command_line_upgrades_and_exports(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from uqserve.cli import main
+
+    url = f"sqlite:///{tmp_path / 'log.db'}"
+    assert main(["log", "--database-url", url, "upgrade"]) == 0
+    assert f"schema revision {head_revision()}" in capsys.readouterr().out
+    database = open_database(url)
+    with database.begin() as connection:
+        connection.execute(sa.insert(predictions), [_record(i).row("r") for i in range(5)])
+    database.dispose()
+    out = tmp_path / "out.csv"
+    assert main(["log", "--database-url", url, "export", "--since", "2000-01-01", "--format", "csv",
+                 "--out", str(out)]) == 0
+    assert len(out.read_text().splitlines()) == 6
+    with pytest.raises(SystemExit):  # a bad time is an argparse error, not a traceback
+        main(["log", "--database-url", url, "export", "--since", "yesterday", "--format", "csv", "--out", str(out)])
+
+
+def test_an_unreachable_database_stops_the_server_with_one_clear_error(engine_factory: Any, bundle_root: Path,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    pytest.importorskip("psycopg")
+    import socket
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    engine = engine_factory(bundle_root, database_url=f"postgresql+psycopg://uqserve@127.0.0.1:{port}/uqserve")
+    with pytest.raises(PredictionLogError, match="cannot open the prediction log at postgresql"), \
+            TestClient(create_app(engine.settings, engine)):
+        pass
+    assert any("cannot start the torch engine" in r.getMessage() for r in caplog.records)
