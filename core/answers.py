@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from core.errors import InvalidQuestionError
+from core.prompt import PromptSpec, render_prefix, render_template
 
 PROMPT_VERSION = "mcq-v1"
 MIN_CHOICES = 2
@@ -68,8 +69,19 @@ def validate_question(question: str, choices: tuple[str, ...] | list[str], conte
         raise InvalidQuestionError("every choice needs non-empty text")
 
 
-def prompt_prefix(q: Question, answer_format: AnswerFormat) -> str:
-    """The shared prompt: optional passage, the question, (letter format) the lettered choices, ``Answer:``."""
+def prompt_prefix(q: Question, answer_format: AnswerFormat, prompt: PromptSpec | None = None,
+                  tokenizer: Any = None) -> str:
+    """The shared prompt. Built-in: optional passage, the question, (letter format) the lettered choices,
+    ``Answer:``. A bundle's own :class:`~core.prompt.PromptSpec` renders its template (or the built-in body)
+    and adds its instruction or chat template (which needs ``tokenizer``)."""
+    if prompt is not None and not prompt.builtin:
+        body = (builtin_prefix(q, answer_format) if prompt.template is None else
+                render_template(prompt.template, prompt.syntax, q.question, q.context, q.choices))
+        return render_prefix(prompt, body, tokenizer)
+    return builtin_prefix(q, answer_format)
+
+
+def builtin_prefix(q: Question, answer_format: AnswerFormat) -> str:
     parts = []
     if q.context:
         parts.append(f"Passage: {q.context.strip()}\n")
@@ -93,9 +105,14 @@ class EncodedQuestion:
     choice_ids: list[list[int]]  # K lists; one token each in letter format
 
 
-def encode_question(tokenizer: Any, q: Question, answer_format: AnswerFormat, max_tokens: int) -> EncodedQuestion:
-    """Tokenize prefix and continuations separately, so the choices share the prefix's tokens exactly."""
-    prefix = tokenizer(prompt_prefix(q, answer_format), add_special_tokens=False)["input_ids"]
+def encode_question(tokenizer: Any, q: Question, answer_format: AnswerFormat, max_tokens: int,
+                    prompt: PromptSpec | None = None) -> EncodedQuestion:
+    """Tokenize prefix and continuations separately, so the choices share the prefix's tokens exactly.
+
+    Over ``max_tokens``, the built-in prompt drops the start of a long passage; a bundle's own prompt
+    (template, instruction, chat template) is never cut: the question is refused instead."""
+    custom = prompt is not None and not prompt.builtin
+    prefix = tokenizer(prompt_prefix(q, answer_format, prompt, tokenizer), add_special_tokens=False)["input_ids"]
     conts = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in choice_continuations(q, answer_format)]
     if answer_format == AnswerFormat.LETTER:
         if any(len(c) != 1 for c in conts):
@@ -108,7 +125,7 @@ def encode_question(tokenizer: Any, q: Question, answer_format: AnswerFormat, ma
     if total > max_tokens:
         # Keep the end of the prefix (question and "Answer:"), drop the start of a long passage.
         overflow = total - max_tokens
-        if overflow >= len(prefix) - 8:
+        if custom or overflow >= len(prefix) - 8:
             raise InvalidQuestionError(f"question needs {total} tokens, limit is {max_tokens}")
         prefix = prefix[overflow:]
     return EncodedQuestion(prefix_ids=list(prefix), choice_ids=[list(c) for c in conts])

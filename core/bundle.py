@@ -26,15 +26,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from core.answers import DEFAULT_ANSWER_FORMAT, PROMPT_VERSION, AnswerFormat
+from core.answers import DEFAULT_ANSWER_FORMAT, PROMPT_VERSION, AnswerFormat, validate_question
 from core.basemodel import BaseModelInfo
 from core.drift import DriftReference
 from core.errors import BundleError, IncompatibleBundleError
 from core.multilora import LoraLayout, layout_of_peft_tensors
+from core.prompt import PromptSpec, prompt_hash
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -71,9 +72,29 @@ class BaseModelRef(_Model):
 
 
 class AnswerSpaceSpec(_Model):
+    """What fixes a bundle's prompt tokens and choices: format, prompt, token budget and, for a
+    classification bundle, its label set (every question gets these choices, in this order)."""
+
     answer_format: AnswerFormat = DEFAULT_ANSWER_FORMAT
     prompt_version: str = PROMPT_VERSION
     max_tokens: int = 768
+    prompt: PromptSpec = PromptSpec()
+    labels: tuple[str, ...] | None = None
+
+    @model_validator(mode="after")
+    def _labels(self) -> AnswerSpaceSpec:
+        if self.labels is not None:
+            validate_question("labels", self.labels, None)
+            if len(set(self.labels)) != len(self.labels):
+                raise ValueError(f"duplicate labels in {list(self.labels)}")
+        return self
+
+    def prompt_hash(self) -> str:
+        """sha256 of everything that fixes the prompt tokens (logged and returned with every answer)."""
+        return prompt_hash(self.model_dump(mode="json"))
+
+    def prompt_text(self) -> str:
+        return self.prompt.text()
 
 
 class LoraSpec(_Model):

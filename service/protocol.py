@@ -65,13 +65,26 @@ class ThresholdsIn(_Request):
 
 class QuestionIn(_Request):
     question: str = Field(min_length=1, examples=["Which gas do plants take in from the air?"])
-    choices: list[str] = Field(min_length=MIN_CHOICES, max_length=MAX_CHOICES,
-                               examples=[["oxygen", "carbon dioxide", "helium"]])
+    # Omitted for a bundle trained on a label set: every question then gets the bundle's labels as choices.
+    choices: list[str] | None = Field(default=None, min_length=MIN_CHOICES, max_length=MAX_CHOICES,
+                                      examples=[["oxygen", "carbon dioxide", "helium"]])
     context: str | None = None
 
-    def to_question(self, param: str = "") -> Question:
+    def to_question(self, param: str = "", labels: tuple[str, ...] | None = None) -> Question:
+        """The engine's question; ``labels`` are the bundle's label set (None: the bundle has none)."""
+        where = f"{param}.choices" if param and param != "question" else "choices"
+        if self.choices is None:
+            if labels is None:
+                raise InvalidRequestError("choices are required: this bundle has no label set", where,
+                                          code="choices_required")
+            choices = labels
+        else:
+            choices = tuple(self.choices)
+            if labels is not None and choices != labels:
+                raise InvalidRequestError(f"choices differ from the bundle's labels {list(labels)}: send exactly "
+                                          "those, in that order, or omit choices", where, code="choices_mismatch")
         try:
-            return Question(question=self.question, choices=tuple(self.choices), context=self.context)
+            return Question(question=self.question, choices=choices, context=self.context)
         except InvalidQuestionError as err:
             raise InvalidRequestError(str(err), param or None, code="invalid_question") from None
 
@@ -113,7 +126,7 @@ def check_limits(questions: list[QuestionIn], settings: Settings, prefix: str = 
         if q.context is not None and len(q.context) > settings.max_context_chars:
             raise InvalidRequestError(f"context longer than {settings.max_context_chars} characters",
                                     f"{where}context")
-        for j, choice in enumerate(q.choices):
+        for j, choice in enumerate(q.choices or ()):
             if len(choice) > settings.max_choice_chars:
                 raise InvalidRequestError(f"choice longer than {settings.max_choice_chars} characters",
                                         f"{where}choices.{j}")
@@ -131,6 +144,7 @@ class BundleRefOut(BaseModel):
     method: str
     base_model_hash: str
     calibration_hash: str
+    prompt_hash: str = ""  # sha256 of what fixes the prompt tokens (format, template, instruction, chat template)
 
 
 class CalibratedRuleOut(RuleCalibration):
@@ -191,7 +205,7 @@ class AnswerResponse(BaseModel):
         return data
 
     @classmethod
-    def from_result(cls, result: AnswerResult, question: QuestionIn, total_ms: float) -> AnswerResponse:
+    def from_result(cls, result: AnswerResult, question: Question, total_ms: float) -> AnswerResponse:
         index = result.answer_index
         answer = None if result.abstained else AnswerChoice(index=index, label=LETTERS[index],
                                                              text=question.choices[index])
@@ -235,6 +249,9 @@ class BundleInfo(BaseModel):
     abstention_rule: dict[str, Any] | None = None  # how the thresholds were calibrated, what they achieved
     notes: list[str] = []
     engine: str = "torch"  # which engine scores this bundle's rows: torch (in-process) or vllm
+    labels: list[str] | None = None  # a label-set bundle's choices (requests may then omit choices)
+    prompt: str = ""  # the bundle's prompt template (or the built-in layout)
+    prompt_hash: str = ""
 
     @classmethod
     def from_status(cls, status: BundleStatus) -> BundleInfo:

@@ -96,14 +96,14 @@ async def answer(body: AnswerRequest, engine: EngineDep, settings: SettingsDep,
     """Answer one multiple-choice question with the bundle's calibrated distribution and its uncertainty."""
     start = time.perf_counter()
     check_limits([body], settings)
-    question = body.to_question("question")
     try:
+        question = body.to_question("question", engine.labels(body.bundle))
         results = await engine.answer(body.bundle, [question], body.options())
     except EngineError as err:
         metrics.failed(body.bundle, err)
         raise
     metrics.answered(results)
-    return AnswerResponse.from_result(results[0], body, 1000 * (time.perf_counter() - start))
+    return AnswerResponse.from_result(results[0], question, 1000 * (time.perf_counter() - start))
 
 
 @router.post("/v1/answer/batch", response_model=BatchAnswerResponse, tags=["answers"],
@@ -113,8 +113,9 @@ async def answer_batch(body: BatchAnswerRequest, engine: EngineDep, settings: Se
     """Answer up to ``max_batch_questions`` questions with one bundle; results come back in order."""
     start = time.perf_counter()
     check_limits(body.questions, settings, prefix="questions.")
-    questions = [q.to_question(f"questions.{i}") for i, q in enumerate(body.questions)]
     try:
+        labels = engine.labels(body.bundle)
+        questions = [q.to_question(f"questions.{i}", labels) for i, q in enumerate(body.questions)]
         results = await engine.answer(body.bundle, questions, body.options())
     except EngineError as err:
         metrics.failed(body.bundle, err, len(questions))
@@ -122,7 +123,7 @@ async def answer_batch(body: BatchAnswerRequest, engine: EngineDep, settings: Se
     metrics.answered(results)
     total_ms = 1000 * (time.perf_counter() - start)
     return BatchAnswerResponse(results=[AnswerResponse.from_result(r, q, total_ms)
-                                        for r, q in zip(results, body.questions, strict=True)])
+                                        for r, q in zip(results, questions, strict=True)])
 
 
 @router.get("/v1/bundles", response_model=BundleList, tags=["bundles"])

@@ -57,6 +57,10 @@ class Engine(ABC):
     async def unload_bundle(self, name: str) -> BundleStatus:
         """Stop serving ``name``; in-flight requests finish first, then its slots are freed."""
 
+    def labels(self, bundle: str) -> tuple[str, ...] | None:
+        """The label set of loaded ``bundle`` (its fixed choices), or None when it has none."""
+        return None
+
     @abstractmethod
     def bundles(self) -> list[BundleStatus]:
         """Loaded bundles, sorted by name."""

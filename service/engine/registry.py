@@ -9,7 +9,6 @@ event-loop thread (no locks needed).
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,10 +28,8 @@ class BundleEntry:
     generation: int  # unique per load, distinguishes reloads of the same manifest version
     predictor: Predictor
     ref: BundleRef
-    answer_format: AnswerFormat
-    max_tokens: int
+    space: AnswerSpaceSpec  # format, prompt, token budget, label set
     notes: list[str] = field(default_factory=list)  # attached to every answer (e.g. a numerics mismatch)
-    prompt_hash: str = ""  # see prompt_hash()
     loaded_at: float = field(default_factory=time.time)
     refcount: int = 0
     retired: bool = False
@@ -40,6 +37,14 @@ class BundleEntry:
     @property
     def slots(self) -> list[int]:
         return self.predictor.slots
+
+    @property
+    def answer_format(self) -> AnswerFormat:
+        return self.space.answer_format
+
+    @property
+    def max_tokens(self) -> int:
+        return self.space.max_tokens
 
 
 class SlotPool:
@@ -129,9 +134,3 @@ class Registry:
         if entry in self._retired:
             self._retired.remove(entry)
         self._on_free(entry)
-
-
-def prompt_hash(space: AnswerSpaceSpec) -> str:
-    """sha256 of what fixes a bundle's prompt tokens (prompt version, answer format, token budget), logged with
-    every answer so an audit can tell which prompt produced it."""
-    return hashlib.sha256(space.model_dump_json().encode()).hexdigest()

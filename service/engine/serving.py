@@ -48,7 +48,7 @@ from service.engine.errors import (
 from service.engine.forward import RowWork
 from service.engine.monitoring import Monitor, calibration_terms, drift_reference
 from service.engine.predictors import PREDICTORS, Prediction, Predictor, SlotLoad, predictor_for
-from service.engine.registry import BundleEntry, Registry, prompt_hash
+from service.engine.registry import BundleEntry, Registry
 from service.engine.types import (
     AnswerOptions,
     AnswerResult,
@@ -195,7 +195,7 @@ class ServingEngine(Engine):
         return PredictionRecord(
             request_id=result.request_id, created_at=now, bundle=entry.name, version=entry.ref.version,
             method=entry.ref.method, base_model_hash=entry.ref.base_model_hash,
-            calibration_hash=entry.ref.calibration_hash, prompt_hash=entry.prompt_hash,
+            calibration_hash=entry.ref.calibration_hash, prompt_hash=entry.ref.prompt_hash,
             question=question.question if keep else None, context=question.context if keep else None,
             choices=choices if keep else None, texts_hash=texts_hash(question.question, question.context, choices),
             probabilities=result.probabilities, answer_index=result.answer_index,
@@ -207,7 +207,10 @@ class ServingEngine(Engine):
 
     def _encode(self, entry: BundleEntry, question: Question, index: int, total: int) -> EncodedQuestion:
         try:
-            return encode_question(self.tokenizer, question, entry.answer_format, entry.max_tokens)
+            if entry.space.labels is not None and question.choices != entry.space.labels:
+                raise InvalidQuestionError(f"choices differ from the bundle's labels {list(entry.space.labels)}")
+            return encode_question(self.tokenizer, question, entry.answer_format, entry.max_tokens,
+                                   entry.space.prompt)
         except InvalidQuestionError as err:
             param = "question" if total == 1 else f"questions.{index}"
             raise InvalidInputError(str(err), param=param) from None
@@ -282,20 +285,22 @@ class ServingEngine(Engine):
             raise BundleRefusedError(f"bundle {manifest.name!r}: prompt_version "
                                      f"{manifest.answer_space.prompt_version!r} ≠ server {PROMPT_VERSION!r}",
                                      reason="layout")
+        mismatch = manifest.answer_space.prompt.mismatch(self.tokenizer)
+        if mismatch is not None:
+            raise BundleRefusedError(f"bundle {manifest.name!r}: {mismatch}", reason="prompt_mismatch")
         self._check_fit(bundle, predictor, loads)
         predictor.slots = await self._place(predictor, loads)
         ref = BundleRef(name=manifest.name, version=manifest.version, method=manifest.method.value,
                         base_model_hash=manifest.base_model.weight_hash,
-                        calibration_hash=manifest.calibration_hash())
+                        calibration_hash=manifest.calibration_hash(),
+                        prompt_hash=manifest.answer_space.prompt_hash())
         notes = []
         calibrated = manifest.calibration.dtype
         if calibrated is not None and calibrated != self.settings.dtype:
             notes.append(f"bundle calibrated on a {calibrated} base but served on {self.settings.dtype}: its "
                          "stated coverage, risk and validation ECE were not measured on these numerics")
         return BundleEntry(name=manifest.name, generation=self.registry.next_generation(),
-                           predictor=predictor, ref=ref, answer_format=manifest.answer_space.answer_format,
-                           max_tokens=manifest.answer_space.max_tokens, notes=notes,
-                           prompt_hash=prompt_hash(manifest.answer_space))
+                           predictor=predictor, ref=ref, space=manifest.answer_space, notes=notes)
 
     async def unload_bundle(self, name: str) -> BundleStatus:
         async with self._locks[name]:
@@ -318,7 +323,12 @@ class ServingEngine(Engine):
             validation_ece=manifest.calibration.validation_metrics.get("ece"),
             thresholds=manifest.thresholds.model_dump(exclude={"target", "rule"}),
             abstention_rule=None if rule is None else rule.model_dump(mode="json"),
-            notes=list(entry.notes), engine=self.name)
+            notes=list(entry.notes), engine=self.name,
+            labels=None if entry.space.labels is None else list(entry.space.labels),
+            prompt=entry.space.prompt_text(), prompt_hash=entry.ref.prompt_hash)
+
+    def labels(self, bundle: str) -> tuple[str, ...] | None:
+        return self.registry.get(bundle).space.labels
 
     # --- monitoring -----------------------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ class BundleRef:
     method: str
     base_model_hash: str
     calibration_hash: str
+    prompt_hash: str = ""  # AnswerSpaceSpec.prompt_hash(): what fixes the prompt tokens
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,9 @@ class BundleStatus:
     abstention_rule: dict[str, Any] | None = None  # the bundle's RuleCalibration (how the thresholds were chosen)
     notes: list[str] = field(default_factory=list)
     engine: str = "torch"  # the engine that scores this bundle's rows (torch | vllm)
+    labels: list[str] | None = None  # a label-set bundle's fixed choices
+    prompt: str = ""  # the prompt template (or the built-in layout)
+    prompt_hash: str = ""
 
 
 @dataclass(frozen=True)

@@ -71,7 +71,7 @@ class FakeEngine(Engine):
     def __init__(self) -> None:
         self.loaded = {"default": _status("default")}
         self.fail: BaseException | None = None
-        self.labels: dict[str, int] = {}
+        self.given_labels: dict[str, int] = {}
         self.answered_ids: dict[str, int] = {}
         self._ready = False
 
@@ -151,11 +151,11 @@ class FakeEngine(Engine):
     async def feedback(self, request_id: str, correct_index: int) -> FeedbackOutcome:
         if request_id not in self.answered_ids:
             raise E.FeedbackNotFoundError("unknown", param="request_id")
-        if request_id in self.labels:
+        if request_id in self.given_labels:
             raise E.DuplicateFeedbackError("duplicate", bundle="default", param="request_id")
         if correct_index >= self.answered_ids[request_id]:
             raise E.InvalidInputError("out of range", param="correct_index")
-        self.labels[request_id] = correct_index
+        self.given_labels[request_id] = correct_index
         return FeedbackOutcome(request_id, "default", "joined")
 
     def monitor(self) -> list[BundleMonitor]:
@@ -213,7 +213,7 @@ def test_answer_fields(client: tuple[TestClient, FakeEngine]) -> None:
     assert set(data) == RESPONSE_FIELDS  # no members unless asked
     assert data["answer"] == {"index": 0, "label": "A", "text": "oxygen"}
     assert abs(sum(data["probabilities"]) - 1) < 1e-9 and len(data["probabilities"]) == 3
-    assert set(data["bundle"]) == {"name", "version", "method", "base_model_hash", "calibration_hash"}
+    assert set(data["bundle"]) == {"name", "version", "method", "base_model_hash", "calibration_hash", "prompt_hash"}
     assert set(data["thresholds_used"]) == {
         "predictive_entropy",
         "mutual_information",
