@@ -20,6 +20,7 @@ _TOP = {
     "calibrate": ("training.calibrate_cli", "re-choose a bundle's served abstention rule on labelled questions"),
     "serve": ("service.cli", "run the HTTP service"),
     "log": ("service.predlog.export", "the prediction log: export answers and labels, upgrade, purge"),
+    "ask": ("uqserve.ask_cli", "ask a running server a question (typed client)"),
 }
 
 

@@ -1,0 +1,108 @@
+"""The asyncio client; every decision is :mod:`uqserve.client._core`'s, this module only does the I/O."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+
+import httpx
+
+from service.protocol import (
+    AnswerResponse,
+    BatchAnswerResponse,
+    BundleActionResponse,
+    BundleList,
+    FeedbackResponse,
+    HealthResponse,
+    ReadyResponse,
+)
+from uqserve.client import _core
+from uqserve.client._core import DEFAULT_URL, QuestionLike, RequestSpec, Retry, T, Thresholds
+
+
+class AsyncClient:
+    """Asyncio uqserve client (one pooled ``httpx.AsyncClient``): :class:`Client`'s methods, awaited; see
+    :mod:`uqserve.client` for an example.
+
+    ``timeout`` (seconds, or an ``httpx.Timeout``) bounds each send; ``max_retries`` bounds the resends
+    after 429s (waiting ``Retry-After``, at most ``max_retry_wait`` seconds each) and after failed
+    connections of GETs. ``admin_key`` is sent as ``Authorization: Bearer`` to the admin endpoints only.
+    ``transport`` replaces httpx's (e.g. ``httpx.MockTransport`` in tests); ``headers`` go on every request.
+    """
+
+    def __init__(self, base_url: str = DEFAULT_URL, *, admin_key: str | None = None,
+                 timeout: float | httpx.Timeout | None = 30.0, max_retries: int = 3, max_retry_wait: float = 30.0,
+                 transport: httpx.AsyncBaseTransport | None = None,
+                 headers: Mapping[str, str] | None = None) -> None:
+        self._core = _core.Core(base_url, admin_key=admin_key, timeout=timeout, max_retries=max_retries,
+                                max_retry_wait=max_retry_wait, headers=headers)
+        self._http = httpx.AsyncClient(**self._core.http_options(transport))
+
+    @property
+    def base_url(self) -> str:
+        return self._core.base_url
+
+    async def _send(self, spec: RequestSpec[T]) -> T:
+        for attempt in itertools.count():
+            try:
+                outcome: httpx.Response | httpx.RequestError = await self._http.request(
+                    **self._core.request_args(spec))
+            except httpx.RequestError as err:
+                outcome = err
+            step = self._core.settle(spec, attempt, outcome)
+            if not isinstance(step, Retry):
+                return step
+            await asyncio.sleep(step.wait)
+        raise AssertionError("unreachable")
+
+    async def answer(self, bundle: str, question: str, choices: Sequence[str] | None = None, *,
+                     context: str | None = None, thresholds: Thresholds | None = None,
+                     return_members: bool = False) -> AnswerResponse:
+        """``POST /v1/answer``; leave ``choices`` out (None) for a bundle trained on a fixed label set."""
+        return await self._send(_core.answer(bundle, question, choices, context, thresholds, return_members))
+
+    async def answer_batch(self, bundle: str, questions: Sequence[QuestionLike], *,
+                           thresholds: Thresholds | None = None, return_members: bool = False) -> BatchAnswerResponse:
+        """``POST /v1/answer/batch``: ``QuestionIn`` models or dicts (``question``, ``choices``, ``context``)."""
+        return await self._send(_core.answer_batch(bundle, questions, thresholds, return_members))
+
+    async def feedback(self, request_id: str, correct_index: int) -> FeedbackResponse:
+        """``POST /v1/feedback``: the correct choice index of an answered request."""
+        return await self._send(_core.feedback(request_id, correct_index))
+
+    async def bundles(self) -> BundleList:
+        """``GET /v1/bundles``."""
+        return await self._send(_core.bundles())
+
+    async def load_bundle(self, name: str) -> BundleActionResponse:
+        """``POST /v1/bundles/{name}`` (admin): load, or hot-swap the loaded version."""
+        return await self._send(_core.load_bundle(name))
+
+    async def unload_bundle(self, name: str) -> BundleActionResponse:
+        """``DELETE /v1/bundles/{name}`` (admin)."""
+        return await self._send(_core.unload_bundle(name))
+
+    async def health(self) -> HealthResponse:
+        """``GET /healthz``."""
+        return await self._send(_core.health())
+
+    async def ready(self) -> ReadyResponse:
+        """``GET /readyz`` (raises :class:`~uqserve.client.Unavailable` while starting or draining)."""
+        return await self._send(_core.ready())
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    aclose = close
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"AsyncClient({self.base_url!r})"
