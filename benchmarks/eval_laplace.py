@@ -132,7 +132,7 @@ def main() -> None:
     questions = load_questions(args.dataset, args.split, args.data_dir, args.limit)
     labels = torch.tensor([q.answer for q in questions])
     lora, space = lap.manifest.lora, lap.manifest.answer_space
-    scorer = ChoiceScorer(base.model, base.tokenizer, space.answer_format, space.max_tokens)
+    scorer = ChoiceScorer(base.model, base.tokenizer, space.answer_format, space.max_tokens, space.prompt)
     tap = LoraTap(base.model, lap.members["map"], lora.alpha / lora.rank)
     posts = posteriors_of(lap)
     cache = TrunkCache(scorer, questions, min(lora.layers), desc="trunk(test)")

@@ -14,6 +14,7 @@ import torch
 
 from core.answers import AnswerFormat, PackedBatch, Question, choice_scores, encode_question, pack_questions
 from core.multilora import decoder_layers
+from core.prompt import PromptSpec
 
 DEFAULT_MAX_TOKENS = 768
 
@@ -22,11 +23,12 @@ class ChoiceScorer:
     """Scores multiple-choice questions with a frozen causal LM (plus whatever LoRA hooks are active)."""
 
     def __init__(self, model: Any, tokenizer: Any, answer_format: AnswerFormat,
-                 max_tokens: int = DEFAULT_MAX_TOKENS) -> None:
+                 max_tokens: int = DEFAULT_MAX_TOKENS, prompt: PromptSpec | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.answer_format = AnswerFormat(answer_format)
         self.max_tokens = max_tokens
+        self.prompt = prompt
         self.layers = decoder_layers(model)
         self.num_layers = len(self.layers)
 
@@ -39,7 +41,8 @@ class ChoiceScorer:
         return next(self.model.parameters()).dtype
 
     def pack(self, questions: list[Question]) -> PackedBatch:
-        encoded = [encode_question(self.tokenizer, q, self.answer_format, self.max_tokens) for q in questions]
+        encoded = [encode_question(self.tokenizer, q, self.answer_format, self.max_tokens, self.prompt)
+                   for q in questions]
         return pack_questions(encoded, self.answer_format).to(self.device)
 
     def _additive_mask(self, attention: torch.Tensor) -> torch.Tensor:

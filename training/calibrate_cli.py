@@ -20,8 +20,8 @@ import torch
 
 from core.basemodel import load_base_model
 from core.bundle import MANIFEST, read_bundle
-from core.datasets import data_hash, load_questions
-from training.eval_cli import add_question_arguments
+from core.datasets import data_hash
+from training.eval_cli import add_question_arguments, labelled_questions
 from training.evaluate import bundle_predictions
 from training.export import DEFAULT_ABSTAIN_ON, MIN_COVERAGE, TARGET_RISK, calibrate, dtype_name
 
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     base = load_base_model(args.base_model)
     source = Path(args.bundle)
     bundle = read_bundle(source, expect_base=base.info)
-    questions = load_questions(args.dataset, args.split, args.data_dir, args.limit)
+    questions = labelled_questions(args, base.tokenizer, bundle.manifest.answer_space)
     labels = torch.tensor([q.answer for q in questions])
     served, uncalibrated = bundle_predictions(base, bundle, questions, desc="calibrate")
     manifest = bundle.manifest

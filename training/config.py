@@ -5,7 +5,9 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict
 
 from core.answers import DEFAULT_ANSWER_FORMAT, AnswerFormat
+from core.bundle import AnswerSpaceSpec
 from core.multilora import ALL_MODULES
+from core.prompt import PromptSpec
 
 
 class AdapterTrainingConfig(BaseModel):
@@ -34,3 +36,10 @@ class AdapterTrainingConfig(BaseModel):
     row_tokens: int = 256  # training packs several questions per row up to this many tokens
     dtype: str = "bfloat16"  # compute dtype of the frozen base during training (adapter weights stay fp32)
     threads: int = 0  # torch threads (0 = leave torch's default)
+    prompt: PromptSpec = PromptSpec()  # the built-in prompt unless the user gives a template / chat template
+    labels: tuple[str, ...] | None = None  # a label set: every question's choices, in this order
+
+    def answer_space(self) -> AnswerSpaceSpec:
+        """What the bundle records of the prompt and choices (and the server then uses)."""
+        return AnswerSpaceSpec(answer_format=self.answer_format, max_tokens=self.max_tokens, prompt=self.prompt,
+                               labels=self.labels)

@@ -12,11 +12,13 @@ import torch
 
 from core.answers import AnswerFormat, Question
 from core.basemodel import BaseModel, load_base_model
-from core.bundle import AnswerSpaceSpec, BundleManifest, LoraSpec, Method
-from core.datasets import data_hash, load_questions
+from core.bundle import BundleManifest, LoraSpec, Method
+from core.datasets import data_hash
 from core.multilora import ALL_MODULES
-from core.scoring import ChoiceScorer
+from core.prompt import PromptSpec
+from core.scoring import DEFAULT_MAX_TOKENS, ChoiceScorer
 from training.config import AdapterTrainingConfig
+from training.data_cli import TrainingData, add_data_arguments, add_prompt_arguments, prompt_from_args, training_data
 from training.ensemble import EnsembleConfig, train_ensemble
 from training.export import (
     DEFAULT_ABSTAIN_ON,
@@ -29,13 +31,13 @@ from training.export import (
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments every training method shares (dataset, base model, output)."""
-    parser.add_argument("--dataset", default="arc_easy")
-    parser.add_argument("--data-dir", default=None, help="folder laid out like shared/data (default: vendored ARC-E)")
+    """Arguments every training method shares (data, prompt, base model, output)."""
+    add_data_arguments(parser)
+    add_prompt_arguments(parser)
     parser.add_argument("--base-model", default="smollm2-135m", help="'smollm2-135m' or a local HF model directory")
     parser.add_argument("--answer-format", default=AnswerFormat.CLOZE.value, choices=[f.value for f in AnswerFormat])
     parser.add_argument("--out", default="bundles", help="bundle root directory")
-    parser.add_argument("--name", default=None, help="bundle name (default: derived from method and dataset)")
+    parser.add_argument("--name", default=None, help="bundle name (default: derived from method and data)")
     parser.add_argument("--train-limit", type=int, default=None)
     parser.add_argument("--val-limit", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
@@ -78,20 +80,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-every", type=int, default=0)
 
 
+def data_name(args: argparse.Namespace) -> str:
+    """What a run's data is called in bundle names and configs: the benchmark, or the --train file's stem."""
+    return Path(args.train).stem if args.train else args.dataset
+
+
+def run_data(args: argparse.Namespace, base: BaseModel, answer_format: AnswerFormat,
+             max_tokens: int = DEFAULT_MAX_TOKENS) -> tuple[TrainingData, PromptSpec, tuple[str, ...] | None]:
+    """The run's prompt (from the flags), data (checked against that prompt's token budget) and label set."""
+    prompt = prompt_from_args(args, base.tokenizer)
+    data, labels = training_data(args, base.tokenizer, answer_format, prompt, max_tokens)
+    print(f"[data] {json.dumps(data.provenance)}", flush=True)
+    return data, prompt, labels
+
+
 def train_and_export(base: BaseModel, config: EnsembleConfig, train: list[Question], val: list[Question],
                      out_dir: Path, name: str, *, rule: dict[str, Any] | None = None,
-                     serve_base: BaseModel | None = None, log: Any = print) -> BundleManifest:
+                     serve_base: BaseModel | None = None, log: Any = print,
+                     data: TrainingData | None = None) -> BundleManifest:
     """Train the members on ``base`` (training dtype), calibrate them on ``serve_base`` (the float32 base the
     server loads; default ``base``, which must then be float32) as served, and write ``out_dir/name``."""
     started = time.perf_counter()
-    scorer = ChoiceScorer(base.model, base.tokenizer, config.answer_format, config.max_tokens)
+    scorer = ChoiceScorer(base.model, base.tokenizer, config.answer_format, config.max_tokens, config.prompt)
     multilora, history = train_ensemble(scorer, config, train, val, log=log)
     layout = multilora.layout
     members = {f"member-{m}": {k: v.float() for k, v in multilora.peft_state_dict(m).items()}
                for m in range(config.members)}
     multilora.remove()
     lora = LoraSpec(rank=layout.rank, alpha=layout.alpha, target_modules=layout.target_modules, layers=layout.layers)
-    space = AnswerSpaceSpec(answer_format=config.answer_format, max_tokens=config.max_tokens)
+    space = config.answer_space()
     weights = torch.full((config.members,), 1.0 / config.members)
     serve_base = serve_base or base
     calibration, thresholds = calibrate_members(serve_base, name=name, lora=lora, answer_space=space, members=members,
@@ -102,31 +119,31 @@ def train_and_export(base: BaseModel, config: EnsembleConfig, train: list[Questi
         weights=weights, calibration=calibration, thresholds=thresholds,
         training={"config": config.model_dump(mode="json"), "steps": history["steps"],
                   "train_seconds": history["seconds"], "total_seconds": round(time.perf_counter() - started, 1),
-                  "history": history["history"]},
-        data_hashes={"train": data_hash(train), "validation": data_hash(val)},
+                  "history": history["history"], "data": None if data is None else data.provenance},
+        data_hashes=data.hashes() if data else {"train": data_hash(train), "validation": data_hash(val)},
     )
 
 
 def run(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    base = load_base_model(args.base_model, dtype=getattr(torch, args.dtype), device=args.device)
+    data, prompt, labels = run_data(args, base, AnswerFormat(args.answer_format))
     config = EnsembleConfig(
-        dataset=args.dataset, base_model=args.base_model, answer_format=args.answer_format, members=args.members,
+        dataset=data_name(args), prompt=prompt, labels=labels, base_model=args.base_model,
+        answer_format=args.answer_format, members=args.members,
         rank=args.rank, alpha=args.alpha, target_modules=tuple(args.target_modules.split(",")),
         top_layers=args.top_layers, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         prior_precision=args.prior_precision, seed=args.seed, train_limit=args.train_limit,
         prior=args.prior, init_scale_a=args.init_scale_a,
         val_limit=args.val_limit, early_stopping=args.early_stopping, eval_every=args.eval_every,
         threads=args.threads, dtype=args.dtype)
-    name = args.name or f"{args.dataset}-{'map' if args.members == 1 else f'ensemble{args.members}'}"
+    name = args.name or f"{data_name(args)}-{'map' if args.members == 1 else f'ensemble{args.members}'}"
     print(f"[train] {name}: {config.model_dump_json()}", flush=True)
-    train = load_questions(args.dataset, "train", args.data_dir, args.train_limit)
-    val = load_questions(args.dataset, "validation", args.data_dir, args.val_limit)
-    started = time.perf_counter()
-    base = load_base_model(args.base_model, dtype=getattr(torch, config.dtype), device=args.device)
     rule = {"target_risk": args.target_risk, "min_coverage": args.min_coverage,
             "abstain_on": tuple(args.abstain_on.split(","))}
-    manifest = train_and_export(base, config, train, val, Path(args.out), name, rule=rule,
+    manifest = train_and_export(base, config, data.train, data.validation, Path(args.out), name, rule=rule,
                                 serve_base=served_base(base, args.base_model, args.device) if config.dtype != "float32"
-                                else None)
+                                else None, data=data)
     print(json.dumps({"bundle": str(Path(args.out) / name), "temperature": manifest.calibration.temperature,
                       "validation": {k: round(v, 4) for k, v in manifest.calibration.validation_metrics.items()
                                      if k in ("acc", "nll", "ece", "brier", "uncalibrated_nll", "uncalibrated_ece")},

@@ -9,19 +9,30 @@ from typing import Any
 
 import torch
 
-from core.answers import AnswerFormat
+from core.answers import AnswerFormat, Question
 from core.basemodel import load_base_model
-from core.bundle import read_bundle
+from core.bundle import AnswerSpaceSpec, read_bundle
 from core.datasets import load_questions
 from core.predictive import ensemble_prediction
+from training.data_cli import (
+    add_column_arguments,
+    add_prompt_arguments,
+    labels_from_args,
+    prompt_from_args,
+    read_file,
+    token_counter,
+)
 from training.evaluate import bundle_predictions, evaluate_prediction, zero_shot_scores
 
 
 def add_question_arguments(parser: argparse.ArgumentParser, split: str) -> None:
-    """The labelled questions a bundle is run on (dataset, split, data folder, limit) and the base model."""
+    """The labelled questions a bundle is run on (a benchmark split or a file of your own) and the base model."""
     parser.add_argument("--dataset", default="arc_easy")
     parser.add_argument("--split", default=split, choices=["train", "validation", "test"])
     parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--data", default=None, metavar="FILE",
+                        help="your labelled questions (JSONL, JSON, CSV, Parquet) instead of --dataset/--split")
+    add_column_arguments(parser)
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--base-model", default="smollm2-135m")
 
@@ -31,6 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_question_arguments(parser, "test")
     parser.add_argument("--answer-format", default=AnswerFormat.CLOZE.value, choices=[f.value for f in AnswerFormat],
                         help="only for 'base' (a bundle records its own)")
+    add_prompt_arguments(parser)  # only for 'base': a bundle records its own prompt
     parser.add_argument("--out", default=None, help="output folder (default: runs/eval/<bundle>-<dataset>-<split>)")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--threads", type=int, default=0)
@@ -39,25 +51,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "and labels [N] as safetensors")
 
 
+def labelled_questions(args: argparse.Namespace, tokenizer: Any, space: AnswerSpaceSpec) -> list[Question]:
+    """``--data FILE`` read for ``space`` (its labels, its prompt's token budget), else the benchmark split. A
+    file names the run: ``args.dataset`` becomes its stem and ``args.split`` "file"."""
+    if not args.data:
+        return load_questions(args.dataset, args.split, args.data_dir, args.limit)
+    counter = token_counter(tokenizer, space.answer_format, space.prompt, space.max_tokens)
+    questions = read_file(args.data, args, space.labels, counter, space.max_tokens).questions[: args.limit]
+    args.dataset, args.split = Path(args.data).stem, "file"
+    return questions
+
+
 def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    questions = load_questions(args.dataset, args.split, args.data_dir, args.limit)
-    labels = torch.tensor([q.answer for q in questions])
     base = load_base_model(args.base_model)
-    if args.bundle == "base":
+    bundle = None if args.bundle == "base" else read_bundle(args.bundle, expect_base=base.info)
+    if bundle is None:
+        space = AnswerSpaceSpec(answer_format=args.answer_format, prompt=prompt_from_args(args, base.tokenizer),
+                                labels=labels_from_args(args))
+    else:
+        space = bundle.manifest.answer_space
+    questions = labelled_questions(args, base.tokenizer, space)
+    labels = torch.tensor([q.answer for q in questions])
+    if bundle is None:
         label = f"base-{args.answer_format}"
-        scores = zero_shot_scores(base, questions, args.answer_format)
+        scores = zero_shot_scores(base, questions, args.answer_format, prompt=space.prompt)
         served, uncalibrated = ensemble_prediction(scores, 1.0, None), None
     else:
-        bundle = read_bundle(args.bundle, expect_base=base.info)
         label = bundle.manifest.name
         served, uncalibrated = bundle_predictions(base, bundle, questions)
     out = Path(args.out) if args.out else Path("runs") / "eval" / f"{label}-{args.dataset}-{args.split}"
     result = evaluate_prediction(served, labels, out, f"{label} on {args.dataset}/{args.split}",
                                  uncalibrated=uncalibrated, plots=not args.no_plots)
     result.update(bundle=label, dataset=args.dataset, split=args.split, n=len(questions),
-                  temperature=1.0 if args.bundle == "base" else bundle.manifest.calibration.temperature)
+                  temperature=1.0 if bundle is None else bundle.manifest.calibration.temperature)
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
     if args.save_scores:
         _save_scores(Path(args.save_scores), served, labels,

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from core.answers import AnswerFormat
 from core.basemodel import BaseModel
 from core.bundle import Bundle, Method
 from core.laplace import LaplaceConfig, LaplacePosterior
@@ -29,6 +30,7 @@ from core.predictive import (
     moe_prediction,
     question_normals,
 )
+from core.prompt import PromptSpec
 from core.scoring import ChoiceScorer
 from training.ensemble import member_scores
 from training.trunk import TrunkCache
@@ -49,7 +51,7 @@ def bundle_member_scores(base: BaseModel, bundle: Bundle, questions: list[Any], 
     """Raw member scores [N, M, K] of a bundle's members (all, or those named) on ``questions`` (shared
     trunk below its layers)."""
     space = bundle.manifest.answer_space
-    scorer = ChoiceScorer(base.model, base.tokenizer, space.answer_format, space.max_tokens)
+    scorer = ChoiceScorer(base.model, base.tokenizer, space.answer_format, space.max_tokens, space.prompt)
     multilora = attach_bundle(base, bundle)
     names = [m.name for m in bundle.manifest.members]
     slots = range(len(names)) if members is None else [names.index(m) for m in members]
@@ -75,7 +77,7 @@ def laplace_outputs_of(base: BaseModel, bundle: Bundle, questions: list[Any], te
     lam = posterior.prior_precision if prior_precision is None else prior_precision
     lora = bundle.manifest.lora
     space = bundle.manifest.answer_space
-    scorer = ChoiceScorer(base.model, base.tokenizer, space.answer_format, space.max_tokens)
+    scorer = ChoiceScorer(base.model, base.tokenizer, space.answer_format, space.max_tokens, space.prompt)
     tap = LoraTap(base.model, bundle.members[config.map_member], lora.alpha / lora.rank)
     cache = TrunkCache(scorer, questions, min(lora.layers), desc=f"trunk({desc})")
     lin = linearized_pass(scorer, tap, cache, {structure: (posterior, torch.tensor([lam], dtype=torch.float64))},
@@ -151,9 +153,10 @@ def evaluate_prediction(prediction: BundlePrediction, labels: torch.Tensor, out_
     return result
 
 
-def zero_shot_scores(base: BaseModel, questions: list[Any], answer_format: str, batch_size: int = 16) -> torch.Tensor:
-    """The base model's choice scores [N, 1, K] (no adapter)."""
-    scorer = ChoiceScorer(base.model, base.tokenizer, answer_format)
+def zero_shot_scores(base: BaseModel, questions: list[Any], answer_format: str, batch_size: int = 16,
+                     prompt: PromptSpec | None = None) -> torch.Tensor:
+    """The base model's choice scores [N, 1, K] (no adapter), with the built-in prompt or ``prompt``."""
+    scorer = ChoiceScorer(base.model, base.tokenizer, AnswerFormat(answer_format), prompt=prompt)
     cache = TrunkCache(scorer, questions, scorer.num_layers, desc="trunk(zero-shot)")
     return member_scores(scorer, None, [0], cache, batch_size, desc="zero-shot")
 

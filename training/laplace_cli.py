@@ -22,14 +22,15 @@ import torch
 
 from core.answers import Question
 from core.basemodel import BaseModel, load_base_model
-from core.bundle import AnswerSpaceSpec, Method, read_bundle
+from core.bundle import Method, read_bundle
 from core.calibration import apply_temperature
-from core.datasets import data_hash, load_questions
+from core.datasets import data_hash
 from core.laplace import LaplaceConfig
 from core.laplace_tap import LoraTap
 from core.predictive import laplace_outputs, laplace_prediction, question_normals
 from core.scoring import ChoiceScorer
-from training.ensemble_cli import add_common_arguments
+from training.data_cli import forward_flags, training_data
+from training.ensemble_cli import add_common_arguments, data_name
 from training.export import calibrate, calibrate_members, dtype_name, export_bundle
 from training.laplace import (
     CurvatureConfig,
@@ -74,13 +75,10 @@ def _train_map(args: argparse.Namespace) -> Path:
 
     parser = argparse.ArgumentParser()
     ensemble_cli.add_arguments(parser)
-    name = f"{args.dataset}-map"
-    argv = ["--members", "1", "--dataset", args.dataset, "--out", args.out, "--name", name, "--base-model",
-            args.base_model, "--answer-format", args.answer_format, "--seed", str(args.seed), "--device", args.device]
-    for flag, value in (("--data-dir", args.data_dir), ("--train-limit", args.train_limit),
-                        ("--val-limit", args.val_limit)):
-        if value is not None:
-            argv += [flag, str(value)]
+    name = f"{ensemble_cli.data_name(args)}-map"
+    argv = ["--members", "1", "--out", args.out, "--name", name, "--base-model", args.base_model,
+            "--answer-format", args.answer_format, "--seed", str(args.seed), "--device", args.device,
+            *forward_flags(args)]
     ensemble_cli.run(parser.parse_args(argv))
     return Path(args.out) / name
 
@@ -89,15 +87,17 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)
-    map_path = Path(args.map_bundle) if args.map_bundle else Path(args.out) / f"{args.dataset}-map"
+    stem = data_name(args)
+    map_path = Path(args.map_bundle) if args.map_bundle else Path(args.out) / f"{stem}-map"
     if args.from_scratch:
         map_path = _train_map(args)
     base = load_base_model(args.base_model, dtype=torch.float32, device=args.device)
-    train = load_questions(args.dataset, "train", args.data_dir, args.train_limit)
-    val = load_questions(args.dataset, "validation", args.data_dir, args.val_limit)
+    space = read_bundle(map_path, expect_base=base.info).manifest.answer_space  # the MAP's prompt and labels
+    data, _ = training_data(args, base.tokenizer, space.answer_format, space.prompt, space.max_tokens)
+    train, val = data.train, data.validation
     config = CurvatureConfig(tokens=args.tokens, max_factor_dim=args.max_factor_dim, low_rank=args.low_rank,
                              batch_size=args.batch_size)
-    summary = build_bundle(base, map_path, train, val, Path(args.out), args.name or f"{args.dataset}-laplace",
+    summary = build_bundle(base, map_path, train, val, Path(args.out), args.name or f"{stem}-laplace",
                            config=config, prior=args.prior, structure=args.structure, link=args.link,
                            mc_samples=args.mc_samples, weight_samples=args.weight_samples, seed=args.seed,
                            curvature_limit=args.curvature_limit,
@@ -121,7 +121,7 @@ def build_bundle(base: BaseModel, map_path: Path, train: list[Question], val: li
         raise ValueError(f"{map_path} has {len(manifest.members)} members; Laplace needs a MAP bundle")
     map_tensors = map_bundle.members[manifest.members[0].name]
     space, lora = manifest.answer_space, manifest.lora
-    scorer = ChoiceScorer(base.model, base.tokenizer, space.answer_format, space.max_tokens)
+    scorer = ChoiceScorer(base.model, base.tokenizer, space.answer_format, space.max_tokens, space.prompt)
     tap = LoraTap(base.model, map_tensors, lora.alpha / lora.rank)
     split = min(lora.layers)
     log(f"[laplace] {name}: MAP {map_path}, {len(train)} train / {len(val)} val, {config.model_dump_json()}")
@@ -170,7 +170,7 @@ def build_bundle(base: BaseModel, map_path: Path, train: list[Question], val: li
     for s, drawn in enumerate(posteriors[structure].sample(weights, weight_samples, generator)):
         members[f"sample-{s}"] = {k: v.cpu() for k, v in drawn.items()}
     sample_names = [m for m in members if m != "map"]
-    space_spec = AnswerSpaceSpec(answer_format=space.answer_format, max_tokens=space.max_tokens)
+    space_spec = space  # the MAP bundle's format, prompt and labels
     rule = rule or {}
     # calibration of exactly the served predictive of the chosen link
     if link == "samples":

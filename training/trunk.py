@@ -34,7 +34,8 @@ class TrunkCache:
         self.questions = list(questions)
         self.split = split
         self.encoded: list[EncodedQuestion] = [
-            encode_question(scorer.tokenizer, q, scorer.answer_format, scorer.max_tokens) for q in self.questions
+            encode_question(scorer.tokenizer, q, scorer.answer_format, scorer.max_tokens, scorer.prompt)
+            for q in self.questions
         ]
         self.hidden: list[torch.Tensor] = [torch.empty(0)] * len(self.questions)
         order = sorted(range(len(self.questions)), key=lambda i: self._length(i))  # similar lengths per batch

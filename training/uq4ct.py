@@ -161,7 +161,7 @@ def moe_bundle_scores(base: Any, bundle: Any, questions: list[Question], batch_s
                       desc: str = "eval") -> tuple[torch.Tensor, torch.Tensor]:
     """Scores [N, K] and FEU [N] of a MoE bundle on ``questions`` (shared trunk below its layers)."""
     space = bundle.manifest.answer_space
-    scorer = ChoiceScorer(base.model, base.tokenizer, space.answer_format, space.max_tokens)
+    scorer = ChoiceScorer(base.model, base.tokenizer, space.answer_format, space.max_tokens, space.prompt)
     moe = attach_moe_bundle(base.model, bundle)
     try:
         cache = TrunkCache(scorer, questions, moe.layout.first_layer, desc=f"trunk({desc})")

@@ -16,16 +16,16 @@ from typing import Any
 
 import torch
 
-from core.answers import Question
+from core.answers import AnswerFormat, Question
 from core.basemodel import BaseModel, load_base_model
-from core.bundle import AnswerSpaceSpec, BundleManifest, LoraSpec, Method
+from core.bundle import BundleManifest, LoraSpec, Method
 from core.calibration import fit_temperature
-from core.datasets import data_hash, load_questions
+from core.datasets import data_hash
 from core.metrics import auroc, reliability_bins
 from core.moe import ARTIFACT_FILE, ARTIFACT_ROLE, MixLora, method_config
 from core.predictive import moe_prediction
 from core.scoring import ChoiceScorer
-from training.ensemble_cli import add_adapter_arguments, add_common_arguments
+from training.ensemble_cli import add_adapter_arguments, add_common_arguments, data_name, run_data
 from training.export import calibrate, dtype_name, export_bundle
 from training.trunk import TrunkCache
 from training.uq4ct import UQ4CTConfig, moe_scores, train_uq4ct
@@ -44,9 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--load-balance-coef", type=float, default=d.load_balance_coef, help="a inside L_b")
 
 
-def config_from_args(args: argparse.Namespace) -> UQ4CTConfig:
+def config_from_args(args: argparse.Namespace, **data: Any) -> UQ4CTConfig:
+    """The recipe from the flags; ``data`` sets dataset, prompt and labels (see :func:`run`)."""
     return UQ4CTConfig(
-        dataset=args.dataset, base_model=args.base_model, answer_format=args.answer_format,
+        **{"dataset": args.dataset, **data}, base_model=args.base_model, answer_format=args.answer_format,
         num_experts=args.experts, top_k=args.top_k, rank=args.rank, alpha=args.alpha,
         target_modules=tuple(args.target_modules.split(",")), top_layers=args.top_layers, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, beta=args.beta, beta_warmup_steps=args.beta_warmup_steps,
@@ -71,7 +72,8 @@ def feu_summary(scores: torch.Tensor, feu: torch.Tensor, labels: torch.Tensor) -
 def train_and_export(base: BaseModel, config: UQ4CTConfig, train: list[Question], val: list[Question],
                      out_dir: Path, name: str, log: Any = print, train_cache: TrunkCache | None = None,
                      eval_base: BaseModel | None = None, val_cache: TrunkCache | None = None,
-                     rule: dict[str, Any] | None = None) -> BundleManifest:
+                     rule: dict[str, Any] | None = None, provenance: dict[str, Any] | None = None,
+                     hashes: dict[str, str] | None = None) -> BundleManifest:
     """Train the mixture on ``base`` (in the training dtype), calibrate on validation, write the bundle.
 
     Calibration runs on ``eval_base`` (the float32 base the server loads; default: ``base`` cast to
@@ -79,14 +81,14 @@ def train_and_export(base: BaseModel, config: UQ4CTConfig, train: list[Question]
     ``train_cache`` of ``base``, ``val_cache`` of ``eval_base``. ``rule`` goes to
     :func:`training.export.calibrate` (target risk, coverage, scores of the served abstention rule)."""
     started = time.perf_counter()
-    scorer = ChoiceScorer(base.model, base.tokenizer, config.answer_format, config.max_tokens)
+    scorer = ChoiceScorer(base.model, base.tokenizer, config.answer_format, config.max_tokens, config.prompt)
     moe, history = train_uq4ct(scorer, config, train, val, log=log, train_cache=train_cache)
     tensors, layout = moe.artifact_tensors(), moe.layout
     moe.remove()
     if eval_base is None:
         base.model.float()
         eval_base = base
-    scorer = ChoiceScorer(eval_base.model, eval_base.tokenizer, config.answer_format, config.max_tokens)
+    scorer = ChoiceScorer(eval_base.model, eval_base.tokenizer, config.answer_format, config.max_tokens, config.prompt)
     moe = MixLora(eval_base.model, layout).to(scorer.device)
     moe.load_artifact(tensors)
     try:
@@ -103,13 +105,13 @@ def train_and_export(base: BaseModel, config: UQ4CTConfig, train: list[Question]
             out_dir=out_dir, name=name, method=Method.MOE, base=eval_base.info,
             lora=LoraSpec(rank=layout.rank, alpha=layout.alpha, target_modules=layout.target_modules,
                           layers=layout.layers),
-            answer_space=AnswerSpaceSpec(answer_format=config.answer_format, max_tokens=config.max_tokens),
+            answer_space=config.answer_space(),
             members={"expert-0": moe.expert_peft_state_dict(0)}, seeds={"expert-0": config.seed},
             weights=torch.ones(1), calibration=calibration, thresholds=thresholds,
             training={"config": config.model_dump(mode="json"), "steps": history["steps"],
                       "train_seconds": history["seconds"], "total_seconds": round(time.perf_counter() - started, 1),
-                      "history": history["history"]},
-            data_hashes={"train": data_hash(train), "validation": data_hash(val)},
+                      "history": history["history"], "data": provenance},
+            data_hashes={"train": data_hash(train), "validation": data_hash(val), **(hashes or {})},
             artifacts={ARTIFACT_ROLE: tensors}, artifact_files={ARTIFACT_ROLE: ARTIFACT_FILE},
             method_config=method_config(layout, validation=summary),
         )
@@ -118,17 +120,18 @@ def train_and_export(base: BaseModel, config: UQ4CTConfig, train: list[Question]
 
 
 def run(args: argparse.Namespace) -> int:
-    config = config_from_args(args)
-    name = args.name or f"{args.dataset}-{'uq4ct' if config.beta > 0 else 'mixlora'}"
-    print(f"[train] {name}: {config.model_dump_json()}", flush=True)
-    train = load_questions(args.dataset, "train", args.data_dir, args.train_limit)
-    val = load_questions(args.dataset, "validation", args.data_dir, args.val_limit)
     started = time.perf_counter()
-    base = load_base_model(args.base_model, dtype=getattr(torch, config.dtype), device=args.device)
+    base = load_base_model(args.base_model, dtype=getattr(torch, args.dtype), device=args.device)
+    data, prompt, labels = run_data(args, base, AnswerFormat(args.answer_format))
+    config = config_from_args(args, dataset=data_name(args), prompt=prompt, labels=labels)
+    name = args.name or f"{data_name(args)}-{'uq4ct' if config.beta > 0 else 'mixlora'}"
+    print(f"[train] {name}: {config.model_dump_json()}", flush=True)
+    train, val = data.train, data.validation
     eval_base = None if config.dtype == "float32" else load_base_model(args.base_model, device=args.device)
     rule = {"target_risk": args.target_risk, "min_coverage": args.min_coverage,
             "abstain_on": tuple(args.abstain_on.split(","))}
-    manifest = train_and_export(base, config, train, val, Path(args.out), name, eval_base=eval_base, rule=rule)
+    manifest = train_and_export(base, config, train, val, Path(args.out), name, eval_base=eval_base, rule=rule,
+                                provenance=data.provenance, hashes=data.hashes())
     metrics = manifest.calibration.validation_metrics
     print(json.dumps({"bundle": str(Path(args.out) / name), "temperature": manifest.calibration.temperature,
                       "validation": {k: round(v, 4) for k, v in metrics.items()
