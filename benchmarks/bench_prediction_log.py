@@ -60,6 +60,51 @@ async def run_load(url: str, bundle: str, questions: list[dict[str, Any]], clien
             "p95_ms": 1000 * lat[int(0.95 * (len(lat) - 1))]}
 
 
+def store_capacity(url: str, writers: int, answers: int) -> dict[str, float]:
+    """The log alone: ``writers`` concurrent coroutines committing ``answers`` answer records (each a
+    realistic 4-choice row with texts) through the server's store; answers/s and mean commit wait."""
+    from datetime import UTC, datetime
+
+    from service.predlog import PredictionRecord, texts_hash
+    from service.predlog.sql import SqlPredictionStore
+
+    store = SqlPredictionStore(url, replica="bench")
+    choices = ["a photosynthesis product", "carbon dioxide", "nitrogen gas", "water vapour"]
+
+    def record(i: int) -> PredictionRecord:
+        question = f"Which gas do plants take in from the air? (variant {i})"
+        return PredictionRecord(
+            request_id=f"{i:032x}", created_at=datetime.now(UTC), bundle="bench5", version="5", method="ensemble",
+            base_model_hash="b" * 64, calibration_hash="c" * 16, prompt_hash="p" * 64, question=question,
+            context=None, choices=choices, texts_hash=texts_hash(question, None, choices),
+            probabilities=[0.1, 0.7, 0.15, 0.05], answer_index=1, max_probability=0.7, predictive_entropy=0.87,
+            expected_entropy=0.8, mutual_information=0.07, feu=None,
+            thresholds={"values": {"predictive_entropy": 0.9}, "sources": {"predictive_entropy": "bundle"}},
+            abstained=False, abstain_reasons=[], latency_ms=1500.0)
+
+    waits: list[float] = []
+
+    async def scenario() -> float:
+        await store.start()
+        pending = list(range(answers))
+
+        async def writer() -> None:
+            while pending:
+                i = pending.pop()
+                start = time.perf_counter()
+                await store.write([record(i)])
+                waits.append(time.perf_counter() - start)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(writer() for _ in range(writers)))
+        wall = time.perf_counter() - start
+        await store.stop()
+        return wall
+
+    wall = asyncio.run(scenario())
+    return {"answers_per_s": answers / wall, "mean_wait_ms": 1000 * statistics.mean(waits)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=32)
@@ -68,6 +113,7 @@ def main() -> int:
     parser.add_argument("--members", default="1,5", help="ensemble sizes to measure, comma-separated")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of each server")
     parser.add_argument("--no-postgres", action="store_true")
+    parser.add_argument("--store-answers", type=int, default=4000, help="answers committed in the store-only test")
     args = parser.parse_args()
     from components import postgres_server  # the tests' harness: Debian's PostgreSQL on loopback
     from replicas import Replica
@@ -94,6 +140,12 @@ def main() -> int:
                 configs["PostgreSQL"] = {"UQSERVE_DATABASE_URL": url}
             except BaseException as err:  # pytest.skip is a BaseException: PostgreSQL is not installed
                 notes.append(f"PostgreSQL row left out: {err}")
+        capacity = {}
+        for name, env in configs.items():
+            if name != "log off":
+                url = env.get("UQSERVE_DATABASE_URL") or f"sqlite:///{work / 'capacity.db'}"
+                capacity[name] = store_capacity(url, args.clients, args.store_answers)
+                print(f"[bench] {name} store alone: {capacity[name]['answers_per_s']:.0f} answers/s", flush=True)
         servers = {}
         for name, env in configs.items():
             replica = Replica(name.replace(" ", "-").lower(), work / "run", {**common, **env})
@@ -127,12 +179,20 @@ def main() -> int:
         for name, row in rows.items():
             lines.append(f"{bundle:<8}{name:<12}{row['qps']:>8.2f}{row['ratio_to_off']:>8.3f}"
                          f"{row['p50_ms']:>9.0f}{row['p95_ms']:>9.0f}")
+    lines += ["", f"The log alone ({args.clients} concurrent writers, {args.store_answers} answers, group commit):"]
+    slowest = min(row["qps"] for rows in table.values() for row in rows.values())
+    fastest = max(row["qps"] for rows in table.values() for row in rows.values())
+    for name, cap in capacity.items():
+        lines.append(f"  {name:<11} {cap['answers_per_s']:>8.0f} answers/s, mean commit wait "
+                     f"{cap['mean_wait_ms']:.1f} ms:"
+                     f" the log's share of serving time {fastest / cap['answers_per_s']:.2%} at {fastest:.1f} q/s,"
+                     f" {slowest / cap['answers_per_s']:.2%} at {slowest:.1f} q/s")
     lines += notes
     print("\n".join(lines))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "bench_prediction_log.json").write_text(json.dumps(
         {"clients": args.clients, "questions": args.questions, "rounds": args.rounds, "table": table, "runs": runs,
-         "notes": notes}, indent=2))
+         "store_alone": capacity, "notes": notes}, indent=2))
     return 0
 
 
