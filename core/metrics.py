@@ -59,14 +59,20 @@ class ReliabilityBins:
     confidence: torch.Tensor
 
 
+def confidence_bins(confidence: torch.Tensor, n_bins: int = 15) -> torch.Tensor:
+    """The equal-width bin ``b`` with ``b/B < c <= (b+1)/B`` of each confidence (0 in bin 0): long [N]."""
+    edges = torch.arange(n_bins + 1, dtype=_F) / n_bins
+    # bucketize(right=False) on the upper edges gives b with edges[b] < c <= edges[b+1]
+    return torch.bucketize(_f64(confidence).reshape(-1), edges[1:], right=False).clamp(0, n_bins - 1)
+
+
 def reliability_bins(confidence: torch.Tensor, correct: torch.Tensor, n_bins: int = 15) -> ReliabilityBins:
-    """Equal-width bins ``(b/B, (b+1)/B]`` on confidence, the first also holding 0.
+    """Equal-width bins ``(b/B, (b+1)/B]`` on confidence (:func:`confidence_bins`), the first also holding 0.
     confidence [N] float, correct [N] bool → per-bin stats [B]."""
     conf = _f64(confidence).reshape(-1)
     hit = _f64(correct).reshape(-1)
+    idx = confidence_bins(conf, n_bins)
     edges = torch.arange(n_bins + 1, dtype=_F) / n_bins
-    # bucketize(right=False) on the upper edges gives b with edges[b] < c <= edges[b+1]; 0 lands in bin 0.
-    idx = torch.bucketize(conf, edges[1:], right=False).clamp(0, n_bins - 1)
     count = torch.bincount(idx, minlength=n_bins).to(_F)
     acc_sum = torch.zeros(n_bins, dtype=_F).index_add_(0, idx, hit)
     conf_sum = torch.zeros(n_bins, dtype=_F).index_add_(0, idx, conf)

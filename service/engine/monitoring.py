@@ -19,7 +19,6 @@ scrape: threshold look-ups are interpolations in a small table, never a bootstra
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import logging
 import math
@@ -40,7 +39,6 @@ __all__ = ["DRIFT_SCORES", "DriftStats", "Monitor", "calibration_terms", "drift_
 log = logging.getLogger(__name__)
 _FALLBACKS: dict[str, DriftReference] = {}
 _FALLBACK_LOCK = threading.Lock()
-_UPPER_EDGES = [b / ECE_BINS for b in range(1, ECE_BINS + 1)]  # as core.metrics.reliability_bins
 
 
 def drift_reference(calibration: Calibration) -> DriftReference:
@@ -89,14 +87,13 @@ def _add_live(window: _Window, scores: dict[str, float | None]) -> None:
 
 def calibration_terms(probabilities: list[float], label: int) -> CalibrationTerms:
     """One labelled answer's terms of the calibration sums (the counters Prometheus aggregates across a
-    fleet): its 15-bin confidence bin as :func:`core.metrics.reliability_bins` bins it, correctness, Brier
-    ``Σ_k (p_k − 1[k = y])²`` and NLL ``−log max(p_y, 1e-12)``. probabilities [K]."""
-    confidence = max(probabilities)
-    bin_index = min(bisect.bisect_left(_UPPER_EDGES, confidence), ECE_BINS - 1)  # first b with c <= (b+1)/B
-    brier = sum((p - (1.0 if k == label else 0.0)) ** 2 for k, p in enumerate(probabilities))
-    return CalibrationTerms(bin=bin_index, confidence=confidence,
-                            correct=probabilities.index(confidence) == label, brier=brier,
-                            nll=-math.log(max(probabilities[label], 1e-12)))
+    fleet), by :mod:`core.metrics` on a one-row batch: its confidence bin, correctness, Brier and NLL, so the
+    fleet's sums add up to exactly what those functions give on the pooled labels. probabilities [K]."""
+    p = torch.tensor([probabilities], dtype=torch.float64)  # [1, K]
+    y = torch.tensor([label])
+    confidence = p.max(-1).values
+    return CalibrationTerms(bin=int(metrics.confidence_bins(confidence, ECE_BINS)[0]), confidence=float(confidence),
+                            correct=metrics.accuracy(p, y) == 1.0, brier=metrics.brier(p, y), nll=metrics.nll(p, y))
 
 
 def _padded(probs: list[list[float]]) -> torch.Tensor:

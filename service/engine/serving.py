@@ -182,9 +182,8 @@ class ServingEngine(Engine):
             await self.store.write(records)
         except PredictionLogError as err:
             raise EngineUnavailableError(f"the answer was not recorded, so it is not given: {err}") from None
-        key = (entry.ref.version, entry.ref.calibration_hash)
         for result in results:
-            self.monitoring.record(entry.name, key, {"confidence": result.max_probability,
+            self.monitoring.record(entry.name, entry.ref.window_key, {"confidence": result.max_probability,
                                                      "predictive_entropy": result.predictive_entropy,
                                                      "mutual_information": result.mutual_information})
 
@@ -259,12 +258,14 @@ class ServingEngine(Engine):
                 raise BundleRefusedError(f"directory {name!r} holds bundle {bundle.manifest.name!r}",
                                          reason="invalid_bundle")
             reference = await asyncio.to_thread(drift_reference, bundle.manifest.calibration)
-            ref = bundle.manifest
-            history = await self.store.history(name, ref.version, ref.calibration_hash(),
-                                               self.settings.feedback_window, self.settings.drift_window)
+            try:  # before any adapter is placed, so a failing log leaves nothing to release
+                history = await self.store.history(name, bundle.manifest.version, bundle.manifest.calibration_hash(),
+                                                   self.settings.feedback_window, self.settings.drift_window)
+            except PredictionLogError as err:
+                raise EngineUnavailableError(f"cannot rebuild {name!r}'s windows from the log: {err}") from None
             entry = await self._activate(bundle)
             old = self.registry.install(entry)
-            self.monitoring.start_bundle(name, (entry.ref.version, entry.ref.calibration_hash), reference, history)
+            self.monitoring.start_bundle(name, entry.ref.window_key, reference, history)
             log.info("%s bundle %s v%s (%d adapters, %s engine) in %.3f s", "replaced" if old else "loaded", name,
                      entry.ref.version, len(entry.slots), self.name, time.perf_counter() - started)
             return self._status(entry)

@@ -27,6 +27,11 @@ class BundleRef:
     calibration_hash: str
     prompt_hash: str = ""  # AnswerSpaceSpec.prompt_hash(): what fixes the prompt tokens
 
+    @property
+    def window_key(self) -> tuple[str, str]:
+        """Which calibration windows (and logged history) this version's answers and labels belong to."""
+        return self.version, self.calibration_hash
+
 
 @dataclass(frozen=True)
 class ThresholdsUsed:

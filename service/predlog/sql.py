@@ -196,7 +196,10 @@ class SqlPredictionStore(PredictionStore):
                       live: int) -> WindowHistory:
         if self._thread is None:  # not started (or stopped): nothing to rebuild from
             return WindowHistory()
-        return await asyncio.to_thread(self._history, bundle, version, calibration_hash, labelled, live)
+        try:
+            return await asyncio.to_thread(self._history, bundle, version, calibration_hash, labelled, live)
+        except Exception as err:  # the database is unreachable or lost its table
+            raise PredictionLogError(f"cannot read the prediction log: {type(err).__name__}: {err}") from err
 
     def _history(self, bundle: str, version: str, calibration_hash: str, labelled: int, live: int) -> WindowHistory:
         p = predictions.c

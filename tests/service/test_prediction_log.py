@@ -332,3 +332,24 @@ def test_an_unreachable_database_stops_the_server_with_one_clear_error(engine_fa
             TestClient(create_app(engine.settings, engine)):
         pass
     assert any("cannot start the torch engine" in r.getMessage() for r in caplog.records)
+
+
+def test_a_load_whose_log_cannot_be_read_is_unavailable_not_a_crash(engine_factory: Any, bundle_maker: Any,
+                                                                     bundle_root: Path) -> None:
+    from service.engine.errors import EngineUnavailableError
+
+    bundle_maker(bundle_root, "b", members=2)
+    engine = engine_factory(bundle_root)
+
+    async def scenario() -> None:
+        await engine.start()
+        with engine.store.engine.begin() as connection:
+            connection.execute(sa.text("DROP TABLE predictions"))
+        try:
+            with pytest.raises(EngineUnavailableError, match="cannot rebuild 'b'"):
+                await engine.load_bundle("b")
+            assert engine.bundles() == []  # nothing placed, nothing half-loaded
+        finally:
+            await engine.stop()
+
+    asyncio.run(scenario())
