@@ -32,10 +32,12 @@ from safetensors.torch import load_file, save_file
 
 from core.answers import DEFAULT_ANSWER_FORMAT, PROMPT_VERSION, AnswerFormat, validate_question
 from core.basemodel import BaseModelInfo
+from core.conformal import ConformalReference
 from core.drift import DriftReference
 from core.errors import BundleError, IncompatibleBundleError
 from core.multilora import LoraLayout, layout_of_peft_tensors
 from core.prompt import PromptSpec, prompt_hash
+from core.risk_control import RiskReference
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -121,6 +123,9 @@ class Calibration(_Model):
     dtype: str | None = None  # compute dtype of the base the calibration ran on (the server's; None = unrecorded)
     reference_histograms: dict[str, Histogram] = {}
     drift: DriftReference | None = None  # no-drift alarm thresholds (core.drift); None: older bundles
+    # guarantees from a held-out calibration split that fit nothing else (None: no split was held out)
+    conformal: ConformalReference | None = None  # split-conformal answer sets (core.conformal)
+    risk: RiskReference | None = None  # Learn-then-Test selective answering (core.risk_control)
 
 
 class RuleCalibration(_Model):
@@ -263,6 +268,13 @@ def write_bundle(path: Path, manifest: BundleManifest, members: dict[str, dict[s
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp.rename(path)
     return path
+
+
+def rewrite_manifest(path: Path, manifest: BundleManifest) -> None:
+    """Replace a bundle's manifest atomically: a server reading the bundle sees the old or the new one."""
+    tmp = Path(path) / f".{MANIFEST}.tmp{os.getpid()}"
+    tmp.write_text(manifest.model_dump_json(indent=2))
+    os.replace(tmp, Path(path) / MANIFEST)
 
 
 def _read_safetensors(file: Path, problems: list[str], label: str) -> dict[str, torch.Tensor] | None:

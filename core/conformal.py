@@ -12,19 +12,23 @@ answer with probability at least 1 − α for an exchangeable new question. α b
 score beyond the largest calibration one: :func:`conformal_quantile` refuses it (the bound is vacuous).
 Ties keep choice order (a stable sort), as :func:`torch.argmax` does.
 
-**Learn-then-Test** (Angelopoulos et al. 2021) will pick abstention thresholds with P(selective risk ≤ ε)
-≥ 1 − δ by testing "risk(λ) > ε" over a data-independent sequence of thresholds; its p-value,
-:func:`hoeffding_bentkus_pvalue` (Bates et al. 2021), is here. (Issue 12: the sequence and serving are next.)
+:class:`ConformalReference` is what a bundle's manifest stores (the sorted calibration scores), so the
+server can build the set at any supported α exactly. Learn-then-Test risk control is :mod:`core.risk_control`;
+its p-value, :func:`hoeffding_bentkus_pvalue` (Bates et al. 2021), is here.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+from typing import Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 _F = torch.float64
 SCORES = ("lac", "aps", "raps")
+ConformityScore = Literal["lac", "aps", "raps"]
 
 
 def _ranked(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,3 +114,48 @@ def hoeffding_bentkus_pvalue(risk: float, n: int, epsilon: float) -> float:
     binomial = float(torch.distributions.Binomial(n, torch.tensor(epsilon, dtype=_F)).log_prob(
         torch.arange(0, k + 1, dtype=_F)).exp().sum()) if 0 < epsilon < 1 else 1.0
     return min(1.0, hoeffding, math.e * binomial)
+
+
+class ConformalReference(BaseModel):
+    """A bundle's split-conformal calibration (in ``manifest.calibration.conformal``): the ascending
+    nonconformity scores s(p_i, y_i) of its n held-out calibration questions under the served predictive,
+    the score that made them and the bundle's default α. Any α ≥ 1/(n + 1) is served exactly from them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    score: ConformityScore = "lac"
+    raps_lambda: float = Field(default=0.01, ge=0)
+    raps_k: int = Field(default=1, ge=0)
+    alpha: float = Field(default=0.1, gt=0, lt=1)
+    n: int = Field(gt=0)
+    data_hash: str
+    sorted_scores: tuple[float, ...]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ConformalReference:
+        scores = self.sorted_scores
+        if len(scores) != self.n:
+            raise ValueError(f"sorted_scores holds {len(scores)} scores, n is {self.n}")
+        if any(b < a for a, b in itertools.pairwise(scores)) or not all(map(math.isfinite, scores)):
+            raise ValueError("sorted_scores must be finite and ascending")
+        if self.alpha < min_alpha(self.n):
+            raise ValueError(f"alpha {self.alpha} is below 1/(n+1) = {min_alpha(self.n):.4g}")
+        return self
+
+    def qhat(self, alpha: float) -> float:
+        """q̂ at α (ValueError when α < 1/(n + 1) or α ∉ (0, 1))."""
+        return conformal_quantile(torch.tensor(self.sorted_scores, dtype=_F), alpha)
+
+    def sets(self, probs: torch.Tensor, alpha: float) -> torch.Tensor:
+        """bool [N, K]: the answer sets at α of the served probabilities probs [N, K]."""
+        return prediction_sets(probs, self.qhat(alpha), self.score, raps_lambda=self.raps_lambda,
+                               raps_k=self.raps_k)
+
+
+def conformal_reference(probs: torch.Tensor, labels: torch.Tensor, data_hash: str, *, score: str = "lac",
+                        alpha: float = 0.1, raps_lambda: float = 0.01, raps_k: int = 1) -> ConformalReference:
+    """The reference of n calibration questions: probs [n, K] served probabilities, labels [n]."""
+    values = nonconformity(probs, labels, score, raps_lambda=raps_lambda, raps_k=raps_k)
+    return ConformalReference(score=score, raps_lambda=raps_lambda, raps_k=raps_k, alpha=alpha,  # type: ignore[arg-type]
+                              n=int(values.numel()), data_hash=data_hash,
+                              sorted_scores=tuple(float(v) for v in torch.sort(values).values))

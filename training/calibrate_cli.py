@@ -5,25 +5,29 @@ The bundle's served predictive on the questions is computed exactly as the serve
 (:func:`training.evaluate.bundle_predictions`, the bundle's own temperature), then
 :func:`training.export.calibrate` chooses the rule and measures it. The manifest is rewritten with a new
 version (so a loaded server hot-swaps to it and answers carry the new calibration hash); members and
-artifacts are untouched. ``--out DIR`` writes a calibrated copy instead.
+artifacts are untouched. ``--out DIR`` writes a calibrated copy instead. ``--calibration-fraction`` of the
+questions (default half) is held out first and, after the rule, gives the bundle its conformal sets and
+risk control (:mod:`training.guarantees`); it chooses nothing else.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
 
+from core.answers import Question
 from core.basemodel import load_base_model
-from core.bundle import MANIFEST, read_bundle
+from core.bundle import read_bundle, rewrite_manifest
 from core.datasets import data_hash
+from training.datacells import split_questions
 from training.eval_cli import add_question_arguments, labelled_questions
 from training.evaluate import bundle_predictions
 from training.export import DEFAULT_ABSTAIN_ON, MIN_COVERAGE, TARGET_RISK, calibrate, dtype_name
+from training.guarantees import add_guarantee_arguments, guarantee_bundle
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,6 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--abstain-on", default=",".join(DEFAULT_ABSTAIN_ON))
     parser.add_argument("--out", default=None, help="write a calibrated copy here instead of rewriting the bundle")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--calibration-fraction", type=float, default=0.5,
+                        help="fraction of the questions held out (seeded) for conformal sets and risk control; "
+                             "the rest chooses the abstention rule; 0: no guarantees")
+    parser.add_argument("--split-seed", type=int, default=0)
+    add_guarantee_arguments(parser)
 
 
 def next_version(version: str) -> str:
@@ -48,6 +57,13 @@ def run(args: argparse.Namespace) -> int:
     source = Path(args.bundle)
     bundle = read_bundle(source, expect_base=base.info)
     questions = labelled_questions(args, base.tokenizer, bundle.manifest.answer_space)
+    held_out: list[Question] = []
+    if args.calibration_fraction > 0:
+        try:
+            parts = split_questions(questions, validation=args.calibration_fraction, seed=args.split_seed)
+        except ValueError as err:
+            raise SystemExit(f"uqserve calibrate: cannot hold out a calibration split: {err}") from None
+        questions, held_out = parts["train"], parts["validation"]
     labels = torch.tensor([q.answer for q in questions])
     served, uncalibrated = bundle_predictions(base, bundle, questions, desc="calibrate")
     manifest = bundle.manifest
@@ -65,10 +81,9 @@ def run(args: argparse.Namespace) -> int:
         if target.exists():
             raise SystemExit(f"uqserve calibrate: {target} exists")
         shutil.copytree(source, target)
-    tmp = target / f".{MANIFEST}.tmp{os.getpid()}"
-    tmp.write_text(updated.model_dump_json(indent=2))
-    os.replace(tmp, target / MANIFEST)  # atomic: a server reading the bundle sees the old or the new manifest
-    read_bundle(target, expect_base=base.info)
+    rewrite_manifest(target, updated)
+    guarantees = guarantee_bundle(base, target, held_out, args)
     print(json.dumps({"bundle": str(target), "version": updated.version, "abstention": thresholds.target,
-                      "thresholds": thresholds.model_dump(exclude={"target", "rule"}, exclude_none=True)}, indent=2))
+                      "thresholds": thresholds.model_dump(exclude={"target", "rule"}, exclude_none=True),
+                      **guarantees}, indent=2))
     return 0

@@ -52,6 +52,12 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--validation-fraction", type=float, default=0.1)
     parser.add_argument("--test-fraction", type=float, default=0.0, help="also split a test set off --train")
     parser.add_argument("--split-seed", type=int, default=0)
+    parser.add_argument("--calibration", default=None, metavar="FILE",
+                        help="your held-out calibration questions for conformal sets and risk control (default: "
+                             "--calibration-fraction of the validation split)")
+    parser.add_argument("--calibration-fraction", type=float, default=0.5,
+                        help="fraction of the validation split held out as the calibration split, which fits "
+                             "nothing else (not the temperature, the abstention rule or early stopping); 0: none")
     add_column_arguments(parser)
 
 
@@ -143,9 +149,11 @@ class TrainingData:
     validation: list[Question]
     test: list[Question] = field(default_factory=list)
     provenance: dict[str, Any] = field(default_factory=dict)  # manifest training["data"]
+    calibration: list[Question] = field(default_factory=list)  # held out for conformal sets and risk control
 
     def hashes(self) -> dict[str, str]:
-        splits = {"train": self.train, "validation": self.validation, "test": self.test}
+        splits = {"train": self.train, "validation": self.validation, "test": self.test,
+                  "calibration": self.calibration}
         return {name: data_hash(qs) for name, qs in splits.items() if qs}
 
 
@@ -179,9 +187,8 @@ def training_data(args: argparse.Namespace, tokenizer: Any, answer_format: Answe
                 raise SystemExit(f"--{flag.replace('_', '-')} needs --train FILE")
         data = TrainingData(load_questions(args.dataset, "train", args.data_dir, args.train_limit),
                             load_questions(args.dataset, "validation", args.data_dir, args.val_limit))
-        data.provenance = {"dataset": args.dataset, "rows": {"train": len(data.train),
-                                                             "validation": len(data.validation)}}
-        return data, None
+        data.provenance = {"dataset": args.dataset}
+        return hold_out_calibration(data, args, None, tokenizer, answer_format, prompt, max_tokens), None
     labels = labels_from_args(args)
     counter = token_counter(tokenizer, answer_format, prompt, max_tokens)
     files = {"train": read_file(args.train, args, labels, counter, max_tokens)}
@@ -204,7 +211,30 @@ def training_data(args: argparse.Namespace, tokenizer: Any, answer_format: Answe
     splits = {k: v[: limit[k]] if limit.get(k) is not None else v for k, v in splits.items()}
     data = TrainingData(splits["train"], splits.get("validation", []), splits.get("test", []))
     data.provenance = {"files": {name: _record(loaded) for name, loaded in files.items()},
-                       "split_off": split_off or None,
-                       "rows": {name: len(qs) for name, qs in splits.items()},
-                       "labels": None if labels is None else list(labels)}
-    return data, labels
+                       "split_off": split_off or None, "labels": None if labels is None else list(labels)}
+    return hold_out_calibration(data, args, labels, tokenizer, answer_format, prompt, max_tokens), labels
+
+
+def hold_out_calibration(data: TrainingData, args: argparse.Namespace, labels: tuple[str, ...] | None,
+                         tokenizer: Any, answer_format: AnswerFormat, prompt: PromptSpec,
+                         max_tokens: int) -> TrainingData:
+    """The calibration split: ``--calibration FILE``, else ``--calibration-fraction`` of the validation split
+    (a seeded draw, ``--split-seed``); what is drawn leaves validation, so it fits nothing."""
+    calibration_file = getattr(args, "calibration", None)
+    fraction = getattr(args, "calibration_fraction", 0.0)
+    if calibration_file:
+        counter = token_counter(tokenizer, answer_format, prompt, max_tokens)
+        loaded = read_file(calibration_file, args, labels, counter, max_tokens)
+        data.calibration = loaded.questions
+        data.provenance.setdefault("files", {})["calibration"] = _record(loaded)
+    elif fraction > 0:
+        try:
+            parts = split_questions(data.validation, validation=fraction, seed=args.split_seed)
+        except ValueError as err:
+            raise SystemExit(f"cannot hold out a calibration split from validation: {err}") from None
+        data.validation, data.calibration = parts["train"], parts["validation"]
+        data.provenance["calibration_split"] = {"from": "validation", "fraction": fraction, "seed": args.split_seed}
+    data.provenance["rows"] = {name: len(qs) for name, qs in (("train", data.train), ("validation", data.validation),
+                                                              ("test", data.test), ("calibration", data.calibration))
+                               if qs}
+    return data

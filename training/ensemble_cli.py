@@ -28,6 +28,7 @@ from training.export import (
     export_bundle,
     served_base,
 )
+from training.guarantees import add_guarantee_arguments, guarantee_bundle
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,6 +51,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--abstain-on", default=",".join(DEFAULT_ABSTAIN_ON),
                         help="comma-separated scores of the served abstention rule, chosen jointly: predictive_entropy,"
                         " mutual_information, one_minus_max_probability, one_minus_feu (UQ4CT)")
+    add_guarantee_arguments(parser)
 
 
 def add_adapter_arguments(parser: argparse.ArgumentParser, defaults: AdapterTrainingConfig) -> None:
@@ -141,12 +143,13 @@ def run(args: argparse.Namespace) -> int:
     print(f"[train] {name}: {config.model_dump_json()}", flush=True)
     rule = {"target_risk": args.target_risk, "min_coverage": args.min_coverage,
             "abstain_on": tuple(args.abstain_on.split(","))}
+    serve_base = served_base(base, args.base_model, args.device)
     manifest = train_and_export(base, config, data.train, data.validation, Path(args.out), name, rule=rule,
-                                serve_base=served_base(base, args.base_model, args.device) if config.dtype != "float32"
-                                else None, data=data)
+                                serve_base=serve_base, data=data)
+    guarantees = guarantee_bundle(serve_base, Path(args.out) / name, data.calibration, args)
     print(json.dumps({"bundle": str(Path(args.out) / name), "temperature": manifest.calibration.temperature,
                       "validation": {k: round(v, 4) for k, v in manifest.calibration.validation_metrics.items()
                                      if k in ("acc", "nll", "ece", "brier", "uncalibrated_nll", "uncalibrated_ece")},
-                      "abstention": manifest.thresholds.target,
+                      "abstention": manifest.thresholds.target, **guarantees,
                       "seconds": round(time.perf_counter() - started, 1)}, indent=2))
     return 0

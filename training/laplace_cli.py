@@ -32,6 +32,7 @@ from core.scoring import ChoiceScorer
 from training.data_cli import forward_flags, training_data
 from training.ensemble_cli import add_common_arguments, data_name
 from training.export import calibrate, calibrate_members, dtype_name, export_bundle
+from training.guarantees import guarantee_bundle
 from training.laplace import (
     CurvatureConfig,
     fit_curvature,
@@ -103,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
                            curvature_limit=args.curvature_limit,
                            rule={"target_risk": args.target_risk, "min_coverage": args.min_coverage,
                                  "abstain_on": tuple(args.abstain_on.split(","))})
+    summary.update(guarantee_bundle(base, Path(summary["bundle"]), data.calibration, args))
     summary["seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(summary, indent=2))
     return 0

@@ -27,6 +27,7 @@ from core.predictive import moe_prediction
 from core.scoring import ChoiceScorer
 from training.ensemble_cli import add_adapter_arguments, add_common_arguments, data_name, run_data
 from training.export import calibrate, dtype_name, export_bundle
+from training.guarantees import guarantee_bundle
 from training.trunk import TrunkCache
 from training.uq4ct import UQ4CTConfig, moe_scores, train_uq4ct
 
@@ -132,10 +133,12 @@ def run(args: argparse.Namespace) -> int:
             "abstain_on": tuple(args.abstain_on.split(","))}
     manifest = train_and_export(base, config, train, val, Path(args.out), name, eval_base=eval_base, rule=rule,
                                 provenance=data.provenance, hashes=data.hashes())
+    guarantees = guarantee_bundle(eval_base or base, Path(args.out) / name, data.calibration, args)
     metrics = manifest.calibration.validation_metrics
     print(json.dumps({"bundle": str(Path(args.out) / name), "temperature": manifest.calibration.temperature,
                       "validation": {k: round(v, 4) for k, v in metrics.items()
                                      if k in ("acc", "nll", "ece", "brier", "uncalibrated_nll", "uncalibrated_ece")},
                       "feu": {k: round(v, 4) for k, v in manifest.method_config["validation"].items()},
+                      **guarantees,
                       "seconds": round(time.perf_counter() - started, 1)}, indent=2))
     return 0
