@@ -213,11 +213,35 @@ class EngineCollector(Collector):
         yield _gauge("uqserve_calibration_ece_threshold_min_labelled",
                      "min_labelled as a value, so rules can pick the threshold for a fleet's labelled count",
                      ["bundle", "version", "min_labelled"], [(labels, float(labels[2])) for labels, _ in thresholds])
+        yield from _guarantee_gauges(monitors)
         for stat in ("ks", "psi"):
             yield _gauge(f"uqserve_drift_{stat}_threshold",
                          f"No-drift alarm threshold for uqserve_drift_{stat} at the current live-window fill "
                          "(the alarm quantile, 99.9 % by default, of its bootstrap no-drift distribution)",
                          ["bundle", "score"], samples[f"{stat}_threshold"])
+
+
+_GUARANTEE_GAUGES = (
+    ("alpha", "conformal_alpha", "The bundle's conformal miscoverage alpha (sets hold the answer w.p. >= 1 - alpha)"),
+    ("labelled", "conformal_labelled", "Labelled answers of the version watched for coverage (since load)"),
+    ("coverage_window", "conformal_coverage", "Empirical coverage of the bundle-alpha sets over the feedback window"),
+    ("miscoverage_lower", "conformal_miscoverage_lower",
+     "Anytime-valid lower confidence bound (1 - alarm level) on the average miss rate of the sets since load; "
+     "above alpha means the coverage guarantee does not hold for this traffic"),
+    ("target_risk", "selective_risk_target", "The bundle's default risk-control target epsilon"),
+    ("answered", "selective_answered", "Labelled answers the bundle's risk-control rule answers (since load)"),
+    ("risk_window", "selective_risk", "Error rate among risk-control-answered labelled answers, feedback window"),
+    ("risk_lower", "selective_risk_lower",
+     "Anytime-valid lower confidence bound on the error rate among answered since load; above epsilon "
+     "means the risk guarantee does not hold for this traffic"),
+)
+
+
+def _guarantee_gauges(monitors: list[Any]) -> Iterable[Metric]:
+    """uqserve_conformal_* and uqserve_selective_* per bundle and version (bundles with a calibration split)."""
+    for attr, name, help_ in _GUARANTEE_GAUGES:
+        rows = [([m.bundle, m.version], getattr(m.guarantees, attr)) for m in monitors if m.guarantees is not None]
+        yield _gauge(f"uqserve_{name}", help_, ["bundle", "version"], rows)
 
 
 def _gauge(name: str, documentation: str, labels: list[str], samples: list[tuple[list[str], Any]]) -> Metric:

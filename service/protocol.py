@@ -7,7 +7,8 @@ come from settings (text lengths, batch size) are checked by :func:`check_limits
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+import math
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 from pydantic.functional_serializers import SerializerFunctionWrapHandler
@@ -89,28 +90,46 @@ class QuestionIn(_Request):
             raise InvalidRequestError(str(err), param or None, code="invalid_question") from None
 
 
-class AnswerRequest(QuestionIn):
+RiskScore = Literal["one_minus_max_probability", "predictive_entropy", "mutual_information", "one_minus_feu"]
+
+
+class GuaranteesIn(_Request):
+    """What a request may ask of the bundle's calibration split (omitted: the bundle's defaults)."""
+
+    alpha: float | None = Field(default=None, gt=0, lt=1, description="miscoverage of the answer set: it holds "
+                                "the answer with probability >= 1 - alpha (at least 1/(n+1) for n calibration "
+                                "questions)")
+    target_risk: float | None = Field(default=None, gt=0, lt=1, description="answer only under a threshold "
+                                      "certified to keep the error rate among answered <= target_risk")
+    delta: float | None = Field(default=None, gt=0, lt=1, description="the risk bound holds with probability "
+                                ">= 1 - delta over the calibration draw")
+    risk_score: RiskScore | None = None
+
+
+class AnswerRequest(QuestionIn, GuaranteesIn):
     bundle: BundleName
     thresholds: ThresholdsIn | None = None
     return_members: bool = False
 
     def options(self) -> AnswerOptions:
-        return _options(self.thresholds, self.return_members)
+        return _options(self, self.thresholds, self.return_members)
 
 
-class BatchAnswerRequest(_Request):
+class BatchAnswerRequest(GuaranteesIn):
     bundle: BundleName
     questions: list[QuestionIn] = Field(min_length=1)
     thresholds: ThresholdsIn | None = None
     return_members: bool = False
 
     def options(self) -> AnswerOptions:
-        return _options(self.thresholds, self.return_members)
+        return _options(self, self.thresholds, self.return_members)
 
 
-def _options(thresholds: ThresholdsIn | None, return_members: bool) -> AnswerOptions:
+def _options(guarantees: GuaranteesIn, thresholds: ThresholdsIn | None, return_members: bool) -> AnswerOptions:
     given = {} if thresholds is None else thresholds.model_dump(exclude_none=True)
-    return AnswerOptions(thresholds=given, return_members=return_members)
+    return AnswerOptions(thresholds=given, return_members=return_members, alpha=guarantees.alpha,
+                         target_risk=guarantees.target_risk, delta=guarantees.delta,
+                         risk_score=guarantees.risk_score)
 
 
 def check_limits(questions: list[QuestionIn], settings: Settings, prefix: str = "") -> None:
@@ -164,6 +183,36 @@ class ThresholdsUsedOut(BaseModel):
     rule: CalibratedRuleOut | None = None  # how the bundle's thresholds were calibrated (null: older bundles)
 
 
+class PredictionSetOut(BaseModel):
+    """The split-conformal answer set: it contains the true answer with probability >= 1 - alpha for a
+    question exchangeable with the bundle's n calibration questions."""
+
+    alpha: float
+    score: str  # lac | aps | raps
+    qhat: float  # the ⌈(n + 1)(1 − α)⌉-th smallest calibration score
+    n_calibration: int
+    indices: list[int]
+    labels: list[str]  # "A", "B", …
+    choices: list[str]
+
+
+class RiskControlOut(BaseModel):
+    """Learn-then-Test risk control: with probability >= 1 - delta over the calibration draw, the error rate
+    among answered questions is <= target_risk when answering iff ``score`` <= ``threshold``."""
+
+    target_risk: float
+    delta: float
+    score: str
+    n_calibration: int
+    certified: bool  # false: no threshold carries the guarantee, so the question abstains
+    threshold: float | None
+    value: float | None  # this question's score (null: the method does not define it)
+    answered: bool
+    calibration_coverage: float
+    calibration_risk: float
+    reason: str = ""
+
+
 class TimingsOut(BaseModel):
     queue_ms: float
     forward_ms: float
@@ -192,6 +241,8 @@ class AnswerResponse(BaseModel):
     # and its complement, an epistemic uncertainty score usable for abstention (higher = more uncertain)
     feu: float | None = None
     one_minus_feu: float | None = None
+    prediction_set: PredictionSetOut | None = None  # null: the bundle was exported without a calibration split
+    risk_control: RiskControlOut | None = None  # present when the request or the bundle asks for risk control
 
     @model_serializer(mode="wrap")
     def _drop_absent(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
@@ -199,7 +250,7 @@ class AnswerResponse(BaseModel):
         for key in ("members", "notes"):
             if not data.get(key):
                 data.pop(key, None)
-        for key in ("feu", "one_minus_feu"):
+        for key in ("feu", "one_minus_feu", "risk_control"):
             if data.get(key) is None:
                 data.pop(key, None)
         return data
@@ -221,7 +272,29 @@ class AnswerResponse(BaseModel):
             timings=TimingsOut(queue_ms=result.timings.queue_ms, forward_ms=result.timings.forward_ms,
                                total_ms=total_ms, batch_rows=result.timings.batch_rows),
             notes=result.notes or None, feu=result.feu,
-            one_minus_feu=None if result.feu is None else 1.0 - result.feu)
+            one_minus_feu=None if result.feu is None else 1.0 - result.feu,
+            prediction_set=_prediction_set(result, question), risk_control=_risk_control(result))
+
+
+def _prediction_set(result: AnswerResult, question: Question) -> PredictionSetOut | None:
+    found = result.answer_set
+    if found is None:
+        return None
+    return PredictionSetOut(alpha=found.alpha, score=found.score, qhat=found.qhat, n_calibration=found.n_calibration,
+                            indices=found.indices, labels=[LETTERS[i] for i in found.indices],
+                            choices=[question.choices[i] for i in found.indices])
+
+
+def _risk_control(result: AnswerResult) -> RiskControlOut | None:
+    decision = result.risk
+    if decision is None:
+        return None
+    cert = decision.certificate
+    return RiskControlOut(target_risk=cert.target_risk, delta=cert.delta, score=cert.score, n_calibration=cert.n,
+                          certified=cert.certified, threshold=cert.threshold,
+                          value=decision.value if math.isfinite(decision.value) else None, answered=decision.answer,
+                          calibration_coverage=cert.calibration_coverage, calibration_risk=cert.calibration_risk,
+                          reason=cert.reason)
 
 
 class BatchAnswerResponse(BaseModel):

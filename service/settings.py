@@ -76,6 +76,7 @@ class Settings(BaseSettings):
     # monitoring
     feedback_capacity: int = Field(default=100_000, gt=0)  # answers held for labels when prediction_log=false
     feedback_window: int = Field(default=500, gt=0)  # labelled requests per bundle in the window gauges
+    guarantee_alarm_level: float = Field(default=0.05, gt=0, lt=1)  # 1 − confidence of the coverage/risk alarms
     drift_window: int = Field(default=500, gt=0)  # live requests per bundle in the KS/PSI window
     drift_min_samples: int = Field(default=50, gt=0)  # drift gauges appear once the window holds this many
 

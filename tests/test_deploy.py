@@ -61,6 +61,10 @@ METRICS: dict[str, tuple[str, set[str]]] = {
     "uqserve_calibration_nll": ("summary", {"bundle", "version"}),
     "uqserve_calibration_ece_threshold": ("gauge", {"bundle", "version", "min_labelled"}),
     "uqserve_calibration_ece_threshold_min_labelled": ("gauge", {"bundle", "version", "min_labelled"}),
+    # Guarantees: per bundle version with a calibration split (service.engine.guarantee_watch).
+    **{f"uqserve_{name}": ("gauge", {"bundle", "version"}) for name in (
+        "conformal_alpha", "conformal_labelled", "conformal_coverage", "conformal_miscoverage_lower",
+        "selective_risk_target", "selective_answered", "selective_risk", "selective_risk_lower")},
 }
 CALIBRATION_BINS = {str(b) for b in range(15)}  # core.metrics.reliability_bins' default n_bins
 ECE_THRESHOLD_GRID = {"50", "100", "200", "500", "1000"}
@@ -68,7 +72,7 @@ ECE_THRESHOLD_GRID = {"50", "100", "200", "500", "1000"}
 LABEL_VALUES: dict[tuple[str, str], set[str]] = {
     ("uqserve_requests_total", "outcome"): {"answered", "abstained", "error"},
     ("uqserve_abstentions_total", "reason"): {"predictive_entropy", "mutual_information",
-                                              "one_minus_max_probability"},
+                                              "one_minus_max_probability", "one_minus_feu", "risk_control"},
     ("uqserve_feedback_total", "result"): {"joined", "unknown_request", "duplicate"},
     **{(f"uqserve_drift_{stat}{suffix}", "score"): {"confidence", "predictive_entropy", "mutual_information"}
        for stat in ("ks", "psi") for suffix in ("", "_threshold")},
@@ -79,7 +83,8 @@ LABEL_VALUES: dict[tuple[str, str], set[str]] = {
 }
 TARGET_LABELS = {"job", "instance"}
 ALERTS = {"CalibrationDrift", "CalibrationDriftReplica", "AbstentionRateJump", "ScoreShiftKS", "ScoreShiftPSI",
-          "HighErrorRate", "QueueSaturation", "HighLatency", "ServiceDown"}
+          "HighErrorRate", "QueueSaturation", "HighLatency", "ServiceDown", "ConformalCoverageViolated",
+          "SelectiveRiskViolated"}
 # Grafana variables -> something PromQL parses, for promtool.
 GRAFANA_VARS = {"$__rate_interval": "1m", "$__interval": "1m", "$__range": "1h", "$bundle": ".*",
                 "$instance": ".*"}

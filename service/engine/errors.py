@@ -87,3 +87,12 @@ class EngineUnavailableError(EngineError):
     """The engine is starting up or draining for shutdown."""
 
     code = "unavailable"
+
+
+class GuaranteeError(InvalidInputError):
+    """A guarantee the request asks for that this bundle cannot give: no calibration split, an α below what
+    its n calibration questions support, a score the method does not define (422, with a specific code)."""
+
+    def __init__(self, message: str, *, code: str, param: str | None = None) -> None:
+        super().__init__(message, param=param)
+        self.code = code

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from core.answers import AnswerFormat
 from core.bundle import AnswerSpaceSpec
 from service.engine.errors import BundleNotFoundError, CapacityError
+from service.engine.guarantees import BundleGuarantees
 from service.engine.predictors import Predictor
 from service.engine.types import BundleRef
 
@@ -30,6 +31,7 @@ class BundleEntry:
     ref: BundleRef
     space: AnswerSpaceSpec  # format, prompt, token budget, label set
     notes: list[str] = field(default_factory=list)  # attached to every answer (e.g. a numerics mismatch)
+    guarantees: BundleGuarantees | None = None  # conformal sets and risk control (None: built on first use)
     loaded_at: float = field(default_factory=time.time)
     refcount: int = 0
     retired: bool = False

@@ -23,6 +23,7 @@ import time
 import uuid
 from abc import abstractmethod
 from collections import defaultdict
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
@@ -46,6 +47,8 @@ from service.engine.errors import (
     RequestTimeoutError,
 )
 from service.engine.forward import RowWork
+from service.engine.guarantee_watch import GuaranteeWatch
+from service.engine.guarantees import RISK_CONTROL, BundleGuarantees, guarantee_log
 from service.engine.monitoring import Monitor, calibration_terms, drift_reference
 from service.engine.predictors import PREDICTORS, Prediction, Predictor, SlotLoad, predictor_for
 from service.engine.registry import BundleEntry, Registry
@@ -83,6 +86,7 @@ class ServingEngine(Engine):
         self.settings = settings
         self.registry = Registry(self._release)
         self.monitoring = Monitor(settings.feedback_window, settings.drift_window, settings.drift_min_samples)
+        self.watch = GuaranteeWatch(settings.feedback_window, settings.guarantee_alarm_level)
         self.store = open_store(settings)
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._accepting = False
@@ -153,6 +157,7 @@ class ServingEngine(Engine):
         entry = self.registry.acquire(bundle)
         self._in_flight += 1
         try:
+            self._guarantees(entry).check(options)
             encoded = [self._encode(entry, q, i, len(questions)) for i, q in enumerate(questions)]
             rows = tuple(entry.predictor.row_slots())
             works = [RowWork(e, entry.answer_format, rows, entry.predictor.first_layer,
@@ -201,7 +206,7 @@ class ServingEngine(Engine):
             max_probability=result.max_probability, predictive_entropy=result.predictive_entropy,
             expected_entropy=result.expected_entropy, mutual_information=result.mutual_information,
             feu=result.feu, thresholds={"values": result.thresholds_used.values,
-                                        "sources": result.thresholds_used.sources},
+                                        "sources": result.thresholds_used.sources, **guarantee_log(result)},
             abstained=result.abstained, abstain_reasons=list(result.abstain_reasons), latency_ms=latency_ms)
 
     def _encode(self, entry: BundleEntry, question: Question, index: int, total: int) -> EncodedQuestion:
@@ -226,6 +231,12 @@ class ServingEngine(Engine):
                                   self.settings.default_thresholds())
         reasons = abstain_reasons(used, predictive_entropy=entropy, mutual_information=mi,
                                   max_probability=max_prob, feu=feu)
+        guarantees = self._guarantees(entry)
+        decision = guarantees.decide({"predictive_entropy": entropy, "mutual_information": mi,
+                                      "one_minus_max_probability": 1.0 - max_prob,
+                                      "one_minus_feu": None if feu is None else 1.0 - feu}, options)
+        if decision is not None and not decision.answer:
+            reasons.append(RISK_CONTROL)
         members = None
         if options.return_members and prediction.member_probs is not None:
             members = prediction.member_probs[i, :, :k].tolist()
@@ -234,8 +245,14 @@ class ServingEngine(Engine):
             abstain_reasons=reasons, probabilities=probs.tolist(), predictive_entropy=entropy,
             expected_entropy=float(scores.expected_entropy[i]) if prediction.has_mi else None,
             mutual_information=mi, max_probability=max_prob, members=members, thresholds_used=used,
-            feu=feu,
+            feu=feu, answer_set=guarantees.answer_set(probs, options), risk=decision,
             bundle=entry.ref, timings=timings, notes=[*prediction.notes, *entry.notes])
+
+    @staticmethod
+    def _guarantees(entry: BundleEntry) -> BundleGuarantees:
+        if entry.guarantees is None:
+            entry.guarantees = BundleGuarantees(entry.predictor.manifest.calibration)
+        return entry.guarantees
 
     # --- bundles --------------------------------------------------------------------------------------
 
@@ -266,6 +283,7 @@ class ServingEngine(Engine):
             entry = await self._activate(bundle)
             old = self.registry.install(entry)
             self.monitoring.start_bundle(name, entry.ref.window_key, reference, history)
+            self.watch.start_bundle(name, entry.ref.window_key, bundle.manifest.calibration, history)
             log.info("%s bundle %s v%s (%d adapters, %s engine) in %.3f s", "replaced" if old else "loaded", name,
                      entry.ref.version, len(entry.slots), self.name, time.perf_counter() - started)
             return self._status(entry)
@@ -307,6 +325,7 @@ class ServingEngine(Engine):
         async with self._locks[name]:
             entry = self.registry.remove(name)
             self.monitoring.stop_bundle(name)
+            self.watch.stop_bundle(name)
             return self._status(entry)
 
     def bundles(self) -> list[BundleStatus]:
@@ -348,10 +367,12 @@ class ServingEngine(Engine):
         finally:
             self._in_flight -= 1
         self.monitoring.labelled(answer)
+        self.watch.labelled(answer)
         return FeedbackOutcome(request_id=request_id, bundle=answer.bundle, result="joined", version=answer.version,
                                terms=calibration_terms(answer.probabilities, answer.label))
 
     def monitor(self) -> list[BundleMonitor]:
-        return [self.monitoring.snapshot(entry.name, entry.ref.version,
-                                         entry.predictor.manifest.calibration.validation_metrics.get("ece"))
+        return [replace(self.monitoring.snapshot(entry.name, entry.ref.version,
+                                                 entry.predictor.manifest.calibration.validation_metrics.get("ece")),
+                        guarantees=self.watch.stats(entry.name))
                 for entry in self.registry.entries()]

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from core.risk_control import RiskCertificate
+
 THRESHOLD_NAMES = ("predictive_entropy", "mutual_information", "one_minus_max_probability", "one_minus_feu")
 
 
@@ -14,6 +16,10 @@ class AnswerOptions:
 
     thresholds: dict[str, float | None] = field(default_factory=dict)
     return_members: bool = False
+    alpha: float | None = None  # conformal miscoverage (None: the bundle's)
+    target_risk: float | None = None  # risk control's ε (None: the bundle's, if any)
+    delta: float | None = None  # risk control's δ (None: the bundle's)
+    risk_score: str | None = None  # the score risk control thresholds (None: the bundle's)
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,26 @@ class Timings:
 
 
 @dataclass(frozen=True)
+class AnswerSet:
+    """The conformal answer set of one question: indices of the choices in it (ascending)."""
+
+    alpha: float
+    score: str
+    qhat: float
+    n_calibration: int
+    indices: list[int]
+
+
+@dataclass(frozen=True)
+class RiskDecision:
+    """The risk-control statement of one answer: the certificate, the question's score and the verdict."""
+
+    certificate: RiskCertificate
+    value: float  # this question's score
+    answer: bool  # False: abstain with reason risk_control
+
+
+@dataclass(frozen=True)
 class AnswerResult:
     """One answered question. ``probabilities`` [K]; ``members`` [M][K] only when requested."""
 
@@ -66,6 +92,8 @@ class AnswerResult:
     timings: Timings
     notes: list[str] = field(default_factory=list)
     feu: float | None = None  # functional-level confidence in [0, 1] (method moe only)
+    answer_set: AnswerSet | None = None  # None: the bundle has no conformal calibration
+    risk: RiskDecision | None = None  # None: risk control was not asked for
 
 
 @dataclass(frozen=True)
@@ -126,6 +154,20 @@ class WindowStats:
 
 
 @dataclass(frozen=True)
+class GuaranteeStats:
+    """Scrape-time view of one version's guarantees. Rates are None until a label arrives."""
+
+    alpha: float | None
+    labelled: int
+    coverage_window: float | None
+    miscoverage_lower: float | None  # anytime-valid lower bound on the average miss rate since load
+    target_risk: float | None = None
+    answered: int = 0
+    risk_window: float | None = None
+    risk_lower: float | None = None
+
+
+@dataclass(frozen=True)
 class BundleMonitor:
     """What the metrics collector reads per loaded bundle at scrape time."""
 
@@ -138,6 +180,7 @@ class BundleMonitor:
     drift_psi_threshold: dict[str, float] = field(default_factory=dict)
     version: str = ""
     ece_thresholds: dict[int, float] = field(default_factory=dict)  # labelled n → no-drift ECE alarm threshold
+    guarantees: GuaranteeStats | None = None  # online coverage and selective risk (None: no calibration split)
 
 
 class EngineObserver:
