@@ -39,6 +39,7 @@ RESPONSE_FIELDS = {
     "bundle",
     "request_id",
     "timings",
+    "prediction_set",  # null for this fake engine: no calibration split
 }
 
 
