@@ -13,8 +13,9 @@ For each bundle (its calibration split and references as exported, nothing refit
 
 Plots: realized vs nominal coverage over α, and the set-size distribution at α = 0.1.
 
-    PYTHONPATH=. python benchmarks/eval_guarantees.py --bundles runs/conformal/bundles/arc_easy-{map,laplace,uq4ct,ensemble5} \\
-        --dataset arc_easy --shift arc_challenge --data-dir ../shared/data --limit 500 --out benchmarks/results/guarantees
+    B=runs/conformal/bundles
+    PYTHONPATH=. python benchmarks/eval_guarantees.py --bundles $B/arc_easy-{map,laplace,uq4ct,ensemble5} \\
+        --dataset arc_easy --shift arc_challenge --data-dir ../shared/data --limit 500
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ def replay(bundle: Any, probs: torch.Tensor, labels: torch.Tensor) -> dict[str, 
     """The test set as labelled traffic through the server's watch; when does each alarm fire?"""
     manifest = bundle.manifest
     calibration = manifest.calibration
-    watched = calibration.model_copy(update={"risk": calibration.risk.model_copy(update={"target_risk": WATCH_EPSILON})})
+    risk = calibration.risk.model_copy(update={"target_risk": WATCH_EPSILON})
+    watched = calibration.model_copy(update={"risk": risk})
     watch = GuaranteeWatch(window=500, level=0.05)
     key = (manifest.version, manifest.calibration_hash())
     watch.start_bundle(manifest.name, key, watched)

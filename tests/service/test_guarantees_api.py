@@ -144,3 +144,20 @@ def test_the_watch_alarms_on_a_stream_whose_coverage_breaks(tiny_base: BaseModel
             fired = t
     assert fired is not None and 100 < fired < 400
     print(f"coverage alarm fired at label {fired} (coverage broke at label 101)")
+
+
+def test_the_client_sends_guarantees_and_parses_them(served: Any) -> None:
+    from service.protocol import AnswerResponse, GuaranteesIn
+    from uqserve.client import _core
+
+    spec = _core.answer("calibrated", "Which colour is the sky?", list(CHOICES), None, None, False,
+                        GuaranteesIn(alpha=0.3, target_risk=0.95, delta=0.5))
+    assert spec.json is not None and spec.json["alpha"] == 0.3 and spec.json["target_risk"] == 0.95
+    assert "risk_score" not in spec.json
+    as_dict = _core.answer_batch("calibrated", [{"question": "q?", "choices": list(CHOICES)}], None, False,
+                                 {"alpha": 0.3, "delta": None})
+    assert as_dict.json is not None and as_dict.json["alpha"] == 0.3 and "delta" not in as_dict.json
+    client, _, _ = served
+    parsed = AnswerResponse.model_validate(client.post("/v1/answer", json=spec.json).json())
+    assert parsed.prediction_set is not None and parsed.prediction_set.alpha == 0.3
+    assert parsed.risk_control is not None and parsed.risk_control.delta == 0.5

@@ -23,6 +23,7 @@ from service.protocol import (
     BundleActionResponse,
     BundleList,
     FeedbackResponse,
+    GuaranteesIn,
     HealthResponse,
     QuestionIn,
     ReadyResponse,
@@ -43,6 +44,7 @@ T = TypeVar("T", bound=BaseModel)
 DEFAULT_URL = "http://127.0.0.1:8000"
 Thresholds = ThresholdsIn | Mapping[str, float | None]
 QuestionLike = QuestionIn | Mapping[str, Any]
+Guarantees = GuaranteesIn | Mapping[str, Any]  # alpha, target_risk, delta, risk_score
 # errors after which nothing reached the application: safe to resend an idempotent GET
 _RETRYABLE_TRANSPORT = (httpx.NetworkError, httpx.RemoteProtocolError)
 
@@ -185,20 +187,26 @@ def _question(question: QuestionLike) -> dict[str, Any]:
     return body
 
 
-def _options(body: dict[str, Any], thresholds: Thresholds | None, return_members: bool) -> dict[str, Any]:
-    return _drop_none({**body, "thresholds": _thresholds(thresholds), "return_members": return_members})
+def _options(body: dict[str, Any], thresholds: Thresholds | None, return_members: bool,
+             guarantees: Guarantees | None = None) -> dict[str, Any]:
+    """The request body; ``guarantees`` (alpha, target_risk, delta, risk_score) go in at the top level."""
+    asked = (guarantees.model_dump(exclude_none=True) if isinstance(guarantees, GuaranteesIn)
+             else _drop_none(dict(guarantees or {})))
+    return _drop_none({**body, **asked, "thresholds": _thresholds(thresholds), "return_members": return_members})
 
 
 def answer(bundle: str, question: str, choices: Sequence[str] | None, context: str | None,
-           thresholds: Thresholds | None, return_members: bool) -> RequestSpec[AnswerResponse]:
+           thresholds: Thresholds | None, return_members: bool,
+           guarantees: Guarantees | None = None) -> RequestSpec[AnswerResponse]:
     body = {"bundle": bundle, **_question({"question": question, "choices": choices, "context": context})}
-    return RequestSpec("POST", "/v1/answer", AnswerResponse, _options(body, thresholds, return_members))
+    return RequestSpec("POST", "/v1/answer", AnswerResponse, _options(body, thresholds, return_members, guarantees))
 
 
 def answer_batch(bundle: str, questions: Sequence[QuestionLike], thresholds: Thresholds | None,
-                 return_members: bool) -> RequestSpec[BatchAnswerResponse]:
+                 return_members: bool, guarantees: Guarantees | None = None) -> RequestSpec[BatchAnswerResponse]:
     body = {"bundle": bundle, "questions": [_question(q) for q in questions]}
-    return RequestSpec("POST", "/v1/answer/batch", BatchAnswerResponse, _options(body, thresholds, return_members))
+    return RequestSpec("POST", "/v1/answer/batch", BatchAnswerResponse,
+                       _options(body, thresholds, return_members, guarantees))
 
 
 def feedback(request_id: str, correct_index: int) -> RequestSpec[FeedbackResponse]:

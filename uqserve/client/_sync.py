@@ -19,7 +19,7 @@ from service.protocol import (
     ReadyResponse,
 )
 from uqserve.client import _core
-from uqserve.client._core import DEFAULT_URL, QuestionLike, RequestSpec, Retry, T, Thresholds
+from uqserve.client._core import DEFAULT_URL, Guarantees, QuestionLike, RequestSpec, Retry, T, Thresholds
 
 
 class Client:
@@ -56,14 +56,16 @@ class Client:
 
     def answer(self, bundle: str, question: str, choices: Sequence[str] | None = None, *,
                context: str | None = None, thresholds: Thresholds | None = None,
-               return_members: bool = False) -> AnswerResponse:
-        """``POST /v1/answer``; leave ``choices`` out (None) for a bundle trained on a fixed label set."""
-        return self._send(_core.answer(bundle, question, choices, context, thresholds, return_members))
+               return_members: bool = False, guarantees: Guarantees | None = None) -> AnswerResponse:
+        """``POST /v1/answer``; leave ``choices`` out (None) for a bundle trained on a fixed label set;
+        ``guarantees``: ``alpha`` of the answer set, ``target_risk`` (with ``delta``, ``risk_score``)."""
+        return self._send(_core.answer(bundle, question, choices, context, thresholds, return_members,
+                                              guarantees))
 
     def answer_batch(self, bundle: str, questions: Sequence[QuestionLike], *, thresholds: Thresholds | None = None,
-                     return_members: bool = False) -> BatchAnswerResponse:
+                     return_members: bool = False, guarantees: Guarantees | None = None) -> BatchAnswerResponse:
         """``POST /v1/answer/batch``: ``QuestionIn`` models or dicts (``question``, ``choices``, ``context``)."""
-        return self._send(_core.answer_batch(bundle, questions, thresholds, return_members))
+        return self._send(_core.answer_batch(bundle, questions, thresholds, return_members, guarantees))
 
     def feedback(self, request_id: str, correct_index: int) -> FeedbackResponse:
         """``POST /v1/feedback``: the correct choice index of an answered request."""
