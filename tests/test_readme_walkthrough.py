@@ -64,7 +64,7 @@ def test_the_readme_walkthrough_runs_as_written(tmp_path: Path) -> None:
             expected = (0, 3) if argv[3] == "ask" else (0,)  # ask exits 3 when the bundle abstains
             assert done.returncode in expected, f"{argv}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
         manifest = json.loads((tmp_path / "bundles" / "my-mcq" / "manifest.json").read_text())
-        assert manifest["training"]["data"]["rows"] == {"train": 60, "validation": 30}
+        assert manifest["training"]["data"]["rows"] == {"train": 60, "validation": 15, "calibration": 15}
         assert manifest["training"]["data"]["files"]["train"]["rows"] == 400
         metrics = list((tmp_path / "runs" / "eval").glob("*/metrics.json"))
         assert {json.loads(m.read_text())["bundle"] for m in metrics} == {"my-mcq", "base-cloze"}

@@ -12,6 +12,7 @@ weights, the temperature, the abstention rule or early stopping (see :func:`trai
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import Any
 
@@ -104,5 +105,9 @@ def guarantee_bundle(base: BaseModel, path: Path, calibration: list[Any], args: 
     split was held out, and say what they are (or that there are none)."""
     if not calibration:
         return {"guarantees": "none: no calibration split was held out (--calibration-fraction 0)"}
+    needed = math.ceil(1 / args.conformal_alpha - 1 - 1e-9)
+    if len(calibration) < needed:
+        return {"guarantees": f"none: the calibration split has {len(calibration)} questions, alpha "
+                              f"{args.conformal_alpha:g} needs at least {needed}"}
     manifest = attach_guarantees(base, path, calibration, **guarantee_options(args))
     return {"guarantees": describe(manifest)}

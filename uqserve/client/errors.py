@@ -122,6 +122,22 @@ class InvalidInput(InvalidRequestError):
     """A question the engine cannot score, or a feedback index outside the request's choices."""
 
 
+class GuaranteeUnavailable(InvalidInput):
+    """A guarantee the bundle cannot give (base of the three below)."""
+
+
+class NoCalibrationSplit(GuaranteeUnavailable):
+    """The bundle was exported without a calibration split: no answer sets or risk control."""
+
+
+class AlphaTooSmall(GuaranteeUnavailable):
+    """alpha below 1/(n+1) for the bundle's n calibration questions."""
+
+
+class ScoreUnavailable(GuaranteeUnavailable):
+    """risk_score names a score the bundle's method does not define (MI of one member, FEU of an ensemble)."""
+
+
 class PayloadTooLarge(InvalidRequestError):
     """413: the request body is over the server's (or a proxy's) size limit."""
 
@@ -208,6 +224,9 @@ ERROR_CODES: dict[str, type[UqserveClientError]] = {
     "choices_mismatch": ChoicesMismatch,
     "invalid_bundle_name": InvalidBundleName,
     "invalid_input": InvalidInput,
+    "no_calibration_split": NoCalibrationSplit,
+    "alpha_too_small": AlphaTooSmall,
+    "score_unavailable": ScoreUnavailable,
     "bundle_refused": BundleRefused,
     "incompatible_base_model": IncompatibleBaseModel,
     "missing_admin_key": MissingAdminKey,
