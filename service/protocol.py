@@ -325,6 +325,9 @@ class BundleInfo(BaseModel):
     labels: list[str] | None = None  # a label-set bundle's choices (requests may then omit choices)
     prompt: str = ""  # the bundle's prompt template (or the built-in layout)
     prompt_hash: str = ""
+    # what the calibration split supports: n, conformal score, default alpha, delta, risk score and target
+    # (null: exported without a calibration split)
+    guarantees: dict[str, Any] | None = None
 
     @classmethod
     def from_status(cls, status: BundleStatus) -> BundleInfo:

@@ -54,6 +54,15 @@ class BundleGuarantees:
                                  f"(it offers {sorted(self.risk.values)})", code="score_unavailable",
                                  param="risk_score")
 
+    def summary(self) -> dict[str, Any] | None:
+        """For ``GET /v1/bundles``: what the calibration split supports (None: no split was held out)."""
+        if self.conformal is None or self.risk is None:
+            return None
+        return {"n_calibration": self.conformal.n, "data_hash": self.conformal.data_hash, "score": self.conformal.score,
+                "alpha": self.conformal.alpha, "min_alpha": min_alpha(self.conformal.n), "delta": self.risk.delta,
+                "risk_score": self.risk.score, "risk_scores": sorted(self.risk.values),
+                "target_risk": self.risk.target_risk}
+
     def answer_set(self, probs: torch.Tensor, options: AnswerOptions) -> AnswerSet | None:
         """The set for one question's probabilities [K] (None: the bundle has no conformal calibration)."""
         if self.conformal is None:

@@ -345,7 +345,8 @@ class ServingEngine(Engine):
             abstention_rule=None if rule is None else rule.model_dump(mode="json"),
             notes=list(entry.notes), engine=self.name,
             labels=None if entry.space.labels is None else list(entry.space.labels),
-            prompt=entry.space.prompt_text(), prompt_hash=entry.ref.prompt_hash)
+            prompt=entry.space.prompt_text(), prompt_hash=entry.ref.prompt_hash,
+            guarantees=self._guarantees(entry).summary())
 
     def labels(self, bundle: str) -> tuple[str, ...] | None:
         return self.registry.get(bundle).space.labels

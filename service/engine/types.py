@@ -118,6 +118,7 @@ class BundleStatus:
     labels: list[str] | None = None  # a label-set bundle's fixed choices
     prompt: str = ""  # the prompt template (or the built-in layout)
     prompt_hash: str = ""
+    guarantees: dict[str, Any] | None = None  # calibration split size, score, default alpha / delta / target
 
 
 @dataclass(frozen=True)

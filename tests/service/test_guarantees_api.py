@@ -62,6 +62,11 @@ def test_answer_carries_the_conformal_set_at_the_bundle_alpha_and_a_request_alph
         assert got["choices"] == [CHOICES[i] for i in got["indices"]]
         assert got["qhat"] == pytest.approx(conformal.qhat(expected_alpha))
         assert "risk_control" not in body  # nobody asked for it
+    listed = {b["name"]: b for b in client.get("/v1/bundles").json()["bundles"]}
+    assert listed["plain"]["guarantees"] is None
+    summary = listed["calibrated"]["guarantees"]
+    assert summary["n_calibration"] == 60 and summary["alpha"] == 0.2 and summary["min_alpha"] == pytest.approx(1 / 61)
+    assert summary["delta"] == 0.1 and summary["target_risk"] is None and "mutual_information" in summary["risk_scores"]
 
 
 def test_guarantees_that_cannot_be_given_are_422(served: Any) -> None:

@@ -162,7 +162,8 @@ def test_train_from_a_file_records_its_data_and_prompt(tmp_path: Path) -> None:
     data = manifest.training["data"]
     assert data["files"]["train"]["rows"] == 60 and data["files"]["train"]["dropped"] == {"answer_not_in_choices": 1}
     assert data["rows"] == {"train": 41, "validation": 3, "test": 12, "calibration": 3}
-    assert data["split_off"]["seed"] == 3 and set(manifest.data_hashes) == {"train", "validation", "test", "calibration"}
+    assert data["split_off"]["seed"] == 3
+    assert set(manifest.data_hashes) == {"train", "validation", "test", "calibration"}
     assert manifest.answer_space.labels == TEAMS
     assert manifest.answer_space.prompt.template == "Ticket: {question}\nTeam:"
     assert manifest.answer_space.answer_format == AnswerFormat.CLOZE
