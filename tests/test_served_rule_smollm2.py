@@ -43,7 +43,8 @@ def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _, risk = risk_coverage(entropy(probs), probs.argmax(-1) == labels)
     target = round(float(risk[N_VAL // 2 - 1]) + 1e-3, 4)
     assert main(["calibrate", str(root / "rule"), "--dataset", "arc_easy", "--limit", str(N_VAL),
-                 "--target-risk", str(target), "--min-coverage", "0.3"]) == 0
+                 "--target-risk", str(target), "--min-coverage", "0.3",
+                 "--calibration-fraction", "0"]) == 0
     manifest = read_bundle(root / "rule").manifest
     assert manifest.version == "2" and manifest.thresholds.rule is not None and manifest.thresholds.rule.met
     return root / "rule"
