@@ -24,6 +24,7 @@ import torch
 
 from core.errors import InvalidQuestionError
 from core.prompt import PromptSpec, render_prefix, render_template
+from core.text import check_distinct, check_text
 
 PROMPT_VERSION = "mcq-v1"
 MIN_CHOICES = 2
@@ -60,13 +61,22 @@ class Question:
             raise InvalidQuestionError(f"answer index {self.answer} outside 0..{len(self.choices) - 1}")
 
 
-def validate_question(question: str, choices: tuple[str, ...] | list[str], context: str | None) -> None:
-    if not question.strip():
-        raise InvalidQuestionError("question text is empty")
+def validate_question(question: str, choices: tuple[str, ...] | list[str], context: str | None, *,
+                      strict: bool = False) -> None:
+    """Raise :class:`InvalidQuestionError` (with ``param`` and ``code``) for a question no tokenizer can take:
+    text that is not valid Unicode, a blank question or choice (whitespace or zero-width characters only), a
+    choice count outside 2..26. ``strict`` (the service boundary) also refuses control characters and
+    duplicate choices, which some shipped datasets hold (see :mod:`core.text`)."""
+    check_text(question, "question", required=True, strict=strict)
+    if context is not None:
+        check_text(context, "context", required=False, strict=strict)
     if not MIN_CHOICES <= len(choices) <= MAX_CHOICES:
-        raise InvalidQuestionError(f"need {MIN_CHOICES}..{MAX_CHOICES} choices, got {len(choices)}")
-    if any(not c.strip() for c in choices):
-        raise InvalidQuestionError("every choice needs non-empty text")
+        raise InvalidQuestionError(f"need {MIN_CHOICES}..{MAX_CHOICES} choices, got {len(choices)}", "choices",
+                                   "choice_count")
+    for j, choice in enumerate(choices):
+        check_text(choice, f"choices.{j}", required=True, strict=strict)
+    if strict:
+        check_distinct(choices)
 
 
 def prompt_prefix(q: Question, answer_format: AnswerFormat, prompt: PromptSpec | None = None,

@@ -27,22 +27,21 @@ from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from core.answers import DEFAULT_ANSWER_FORMAT, PROMPT_VERSION, AnswerFormat, validate_question
 from core.basemodel import BaseModelInfo
+from core.bundle_checks import check_member, manifest_problems, member_dirs, read_artifacts, read_json, scan_tree
 from core.conformal import ConformalReference
 from core.drift import DriftReference
 from core.errors import BundleError, IncompatibleBundleError
-from core.multilora import LoraLayout, layout_of_peft_tensors
+from core.multilora import LoraLayout
 from core.prompt import PromptSpec, prompt_hash
 from core.risk_control import RiskReference
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_FORBIDDEN_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".npy", ".npz")
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # use fullmatch ("$" allows a final "\n")
 
 
 class Method(StrEnum):
@@ -211,9 +210,10 @@ class Bundle:
         if ref.num_layers != info.num_layers or ref.hidden_size != info.hidden_size:
             problems.append(f"base shape {ref.num_layers}×{ref.hidden_size} ≠ loaded "
                             f"{info.num_layers}×{info.hidden_size}")
-        if max(self.manifest.lora.layers) >= info.num_layers:
+        if max(self.manifest.lora.layers, default=-1) >= info.num_layers:
             problems.append(f"adapts layer {max(self.manifest.lora.layers)} but the base has {info.num_layers}")
         if problems:
+            problems = [f"{MANIFEST}: {p}" for p in problems]
             raise IncompatibleBundleError(problems, bundle=self.manifest.name)
 
 
@@ -277,99 +277,65 @@ def rewrite_manifest(path: Path, manifest: BundleManifest) -> None:
     os.replace(tmp, Path(path) / MANIFEST)
 
 
-def _read_safetensors(file: Path, problems: list[str], label: str) -> dict[str, torch.Tensor] | None:
-    try:
-        return load_file(str(file))
-    except (SafetensorError, OSError, ValueError) as err:
-        problems.append(f"{label}: unreadable safetensors ({err})")
-        return None
-
-
 def read_bundle(path: Path | str, expect_base: BaseModelInfo | None = None) -> Bundle:
-    """Read and validate a bundle; every problem found is reported in one BundleError."""
+    """Read and validate a bundle; every problem found is reported in one BundleError, each naming its file.
+
+    Total: whatever the directory holds, this raises nothing but BundleError (IncompatibleBundleError when a
+    well-formed bundle was made for another base model than ``expect_base``)."""
     path = Path(path)
     label = path.name
     if not path.is_dir():
         raise BundleError(f"no bundle directory at {label}", bundle=label)
-    problems: list[str] = []
-    for file in path.rglob("*"):
-        if file.suffix.lower() in _FORBIDDEN_SUFFIXES:
-            problems.append(f"{file.relative_to(path)}: pickle-capable files are refused; use safetensors")
-        if file.is_symlink():
-            problems.append(f"{file.relative_to(path)}: symlinks are refused")
-    try:
-        manifest = BundleManifest.model_validate_json((path / MANIFEST).read_text())
-    except FileNotFoundError:
-        raise BundleError([f"missing {MANIFEST}", *problems], bundle=label) from None
-    except ValidationError as err:
-        details = [f"manifest {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()]
-        raise BundleError(details + problems, bundle=label) from None
-    if manifest.schema_version != SCHEMA_VERSION:
-        problems.append(f"schema_version {manifest.schema_version} is not supported (this reader: {SCHEMA_VERSION})")
-    if not manifest.members:
-        problems.append("no members")
+    problems = scan_tree(path)
+    manifest = _read_manifest(path, problems)
+    lora = manifest.lora if manifest is not None else None
+    hidden = manifest.base_model.hidden_size if manifest is not None else None
+    on_disk = member_dirs(path, problems)
+    if manifest is not None:
+        problems.extend(manifest_problems(manifest))
+        listed = list(dict.fromkeys(m.name for m in manifest.members))
+        problems.extend(f"members/{name}: not listed in {MANIFEST}" for name in on_disk if name not in listed)
+    else:
+        listed = on_disk  # no manifest to follow: still check every member directory there is
     members: dict[str, dict[str, torch.Tensor]] = {}
-    for member in manifest.members:
-        member_dir = path / "members" / member.name
-        tensors = _check_member(member_dir, member.name, manifest.lora, problems)
+    for name in listed:
+        try:
+            tensors = check_member(path / "members" / name, name, lora, hidden, problems)
+        except Exception as err:  # a last resort: the checks above are meant to be total
+            problems.append(f"members/{name}: unexpected {type(err).__name__} while reading: {err}")
+            tensors = None
         if tensors is not None:
-            members[member.name] = tensors
-    artifacts: dict[str, Any] = {}
-    for role, filename in manifest.artifacts.items():
-        artifact = path / filename
-        if Path(filename).name != filename or not artifact.is_file():
-            problems.append(f"artifact {role!r}: missing file {filename!r}")
-        elif filename.endswith(".safetensors"):
-            loaded = _read_safetensors(artifact, problems, f"artifact {role!r}")
-            if loaded is not None:
-                artifacts[role] = loaded
-        elif filename.endswith(".json"):
-            artifacts[role] = json.loads(artifact.read_text())
-        else:
-            problems.append(f"artifact {role!r}: only .safetensors and .json are allowed")
-    if problems:
-        raise BundleError(problems, bundle=manifest.name)
+            members[name] = tensors
+    artifacts = read_artifacts(path, manifest.artifacts, problems) if manifest is not None else {}
+    if problems or manifest is None:
+        raise BundleError(list(dict.fromkeys(problems)), bundle=manifest.name if manifest is not None else label)
     bundle = Bundle(path, manifest, members, artifacts)
     if expect_base is not None:
         bundle.check_base(expect_base)
     return bundle
 
 
-def _check_member(member_dir: Path, name: str, lora: LoraSpec, problems: list[str]) -> dict[str, torch.Tensor] | None:
-    config_file = member_dir / "adapter_config.json"
-    weights_file = member_dir / "adapter_model.safetensors"
-    if not config_file.is_file() or not weights_file.is_file():
-        problems.append(f"member {name}: needs adapter_config.json and adapter_model.safetensors")
+def _read_manifest(path: Path, problems: list[str]) -> BundleManifest | None:
+    raw = read_json(path / MANIFEST, MANIFEST, problems)
+    if raw is None:
         return None
     try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as err:
-        problems.append(f"member {name}: adapter_config.json is not JSON ({err})")
+        manifest = BundleManifest.model_validate(raw)
+    except ValidationError as err:
+        problems.extend(f"{MANIFEST}: {'.'.join(map(str, e['loc'])) or '(top level)'}: {e['msg']}"
+                        for e in err.errors())
         return None
-    if config.get("peft_type") != "LORA":
-        problems.append(f"member {name}: peft_type {config.get('peft_type')!r} is not LORA")
-    if config.get("r") != lora.rank or float(config.get("lora_alpha", -1)) != lora.alpha:
-        problems.append(f"member {name}: r/alpha {config.get('r')}/{config.get('lora_alpha')} ≠ manifest "
-                        f"{lora.rank}/{lora.alpha}")
-    if config.get("use_dora") or config.get("modules_to_save"):
-        problems.append(f"member {name}: DoRA and modules_to_save are not supported")
-    tensors = _read_safetensors(weights_file, problems, f"member {name}")
-    if tensors is None:
-        return None
-    layers, modules, rank = layout_of_peft_tensors(tensors)
-    if not tensors or not layers:
-        problems.append(f"member {name}: no LoRA tensors with peft keys")
-    if not layers <= set(lora.layers) or not modules <= set(lora.target_modules) or rank > lora.rank:
-        problems.append(f"member {name}: tensors adapt layers {sorted(layers)} modules {sorted(modules)} rank "
-                        f"{rank}, outside the manifest's layout")
-    if any(not torch.isfinite(t).all() for t in tensors.values()):
-        problems.append(f"member {name}: non-finite weights")
-    return tensors
+    if manifest.schema_version != SCHEMA_VERSION:
+        problems.append(f"{MANIFEST}: schema_version {manifest.schema_version} is not supported (this reader: "
+                        f"{SCHEMA_VERSION})")
+    if not manifest.members:
+        problems.append(f"{MANIFEST}: no members")
+    return manifest
 
 
 def bundle_path(root: Path, name: str) -> Path:
     """Resolve a bundle *name* under ``root``; names are validated, never paths."""
-    if not NAME_PATTERN.match(name) or ".." in name:
+    if not NAME_PATTERN.fullmatch(name) or ".." in name:  # fullmatch: "$" would allow a final "\n"
         raise BundleError(f"invalid bundle name {name!r}: letters, digits, '_', '-', '.' only")
     resolved = (root / name).resolve()
     if resolved.parent != root.resolve():

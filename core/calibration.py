@@ -161,6 +161,18 @@ def _candidates(score: torch.Tensor, limit: int) -> torch.Tensor:
     return torch.cat([values, torch.tensor([math.inf], dtype=_F)])
 
 
+def _with_margin(values: torch.Tensor, threshold: float) -> float:
+    """Move a threshold that sits on a calibration score halfway to the next larger one (or 1e-6 above the
+    largest): the same calibration questions pass, and float noise far below that gap (another batch shape,
+    another engine) cannot flip a question on the edge. values [N]."""
+    if not math.isfinite(threshold):
+        return threshold
+    above = values[values > threshold]
+    if above.numel() == 0:
+        return threshold + 1e-6 * max(1.0, abs(threshold))
+    return (threshold + float(above.min())) / 2
+
+
 def calibrate_abstention(scores: Mapping[str, torch.Tensor], correct: torch.Tensor, *, target_risk: float = 0.2,
                          min_coverage: float = 0.5, max_combinations: int = 50_000) -> AbstentionRule:
     """Choose the served rule "answer iff score_s ≤ t_s for every s" jointly over the given scores.
@@ -206,7 +218,7 @@ def calibrate_abstention(scores: Mapping[str, torch.Tensor], correct: torch.Tens
         ties = ties[risk[ties] == risk[ties].min()]
         j = int(ties.max())  # the loosest such rule: +inf (unrestricted) and larger thresholds come last
         idx = list(torch.unravel_index(torch.tensor(j), tuple(shape)))
-        best = tuple(float(g[int(i)]) for g, i in zip(grids, idx, strict=True))
+        best = tuple(_with_margin(v, float(g[int(i)])) for v, g, i in zip(values, grids, idx, strict=True))
         best_key = (float(coverage[j]), float(risk[j]))
         best_stats = best_key
     chosen = {k: t for k, t in zip(names, best or (), strict=False) if math.isfinite(t)}

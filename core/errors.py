@@ -25,4 +25,12 @@ class IncompatibleBundleError(BundleError):
 
 
 class InvalidQuestionError(UqserveError, ValueError):
-    """A question cannot be scored: too few or too many choices, empty text, too long."""
+    """A question cannot be scored: too few or too many choices, empty or unencodable text, too long.
+
+    ``param`` names the offending field when known (``question``, ``context``, ``choices.1``); ``code`` is a
+    stable machine-readable reason (``blank_text``, ``invalid_text``, ``duplicate_choices``, …)."""
+
+    def __init__(self, message: str, param: str | None = None, code: str = "invalid_question") -> None:
+        super().__init__(message)
+        self.param = param
+        self.code = code

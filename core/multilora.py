@@ -206,9 +206,9 @@ class MultiLora(nn.Module):
         self.clear_slot(slot)
         with torch.no_grad():
             for key, tensor in tensors.items():
-                match = _PEFT_KEY.match(key)
-                assert match is not None
-                layer, _, name, which = match.groups()
+                parts = peft_key_parts(key)
+                assert parts is not None
+                layer, _, name, which = parts
                 factors = self.factor_map[f"{layer}_{name}"]
                 if which == "A":
                     factors.lora_A[slot, : tensor.shape[0]].copy_(tensor)
@@ -230,24 +230,43 @@ def _equal_blocks(row_slots: torch.Tensor | None) -> torch.Tensor | None:
     return slots
 
 
+def peft_key_parts(key: str) -> tuple[int, str, str, str] | None:
+    """(layer, parent, module, "A"/"B") of a peft LoRA key of a decoder layer, or None for any other key."""
+    match = _PEFT_KEY.match(key)
+    if match is None:
+        return None
+    layer, parent, name, which = match.groups()
+    return int(layer), parent, name, which
+
+
 def check_peft_tensors(tensors: dict[str, torch.Tensor], multilora: MultiLora) -> list[str]:
-    """Every problem that stops ``tensors`` loading into ``multilora``'s slots (empty when they fit)."""
+    """Every problem that stops ``tensors`` loading into ``multilora``'s slots (empty when they fit): a key that
+    is not a peft LoRA key, a module under the wrong parent, a layer or module the slots do not adapt (it would
+    otherwise be ignored), a non-float tensor, or a shape that does not fit."""
     problems: list[str] = []
     for key, tensor in tensors.items():
-        match = _PEFT_KEY.match(key)
-        if match is None:
+        parts = peft_key_parts(key)
+        if parts is None:
             problems.append(f"unexpected tensor {key!r}")
             continue
-        layer, _, name, which = match.groups()
+        layer, parent, name, which = parts
+        if parent != parent_name(name):
+            problems.append(f"{key}: {name} sits under {parent_name(name)}, not {parent}")
+            continue
         factors = multilora.factor_map.get(f"{layer}_{name}")
         if factors is None:
             problems.append(f"{key}: layer {layer} {name} is not adapted in this engine's layout")
             continue
+        if not tensor.is_floating_point():
+            problems.append(f"{key}: dtype {tensor.dtype} is not a float type")
+            continue
         max_rank = factors.lora_A.shape[1]
         want = (None, factors.lora_A.shape[2]) if which == "A" else (factors.lora_B.shape[1], None)
+        if tensor.ndim != 2:
+            problems.append(f"{key}: {tensor.ndim}-d tensor, a LoRA factor is 2-d")
+            continue
         rank = tensor.shape[0] if which == "A" else tensor.shape[-1]
-        if tensor.ndim != 2 or rank > max_rank or any(w is not None and w != s for w, s in zip(want, tensor.shape,
-                                                                                                  strict=True)):
+        if rank > max_rank or any(w is not None and w != s for w, s in zip(want, tensor.shape, strict=True)):
             problems.append(f"{key}: shape {tuple(tensor.shape)} does not fit (rank ≤ {max_rank}, dims {want})")
     return problems
 

@@ -76,6 +76,8 @@ class PromptSpec(BaseModel):
 
     def mismatch(self, tokenizer: Any) -> str | None:
         """Why this spec cannot be served with ``tokenizer`` (None when it can)."""
+        if self.chat and not getattr(tokenizer, "chat_template", None):
+            return "the bundle's prompt uses a chat template, but the base model's tokenizer has none"
         if self.chat and getattr(tokenizer, "chat_template", None) != self.chat_template:
             return "the base model's chat template differs from the one this bundle was trained with"
         return None
@@ -102,10 +104,14 @@ def _jinja(template: str) -> Any:
 def render_template(template: str, syntax: str, question: str, context: str | None, choices: tuple[str, ...]) -> str:
     values = _fields(question, context, choices)
     if syntax == "jinja":
-        return str(_jinja(template).render(**values))
+        try:
+            return str(_jinja(template).render(**values))
+        except Exception as err:  # Jinja syntax, undefined-variable or sandbox errors: this question cannot be served
+            raise InvalidQuestionError(f"prompt template does not render: {type(err).__name__}: {err}; fields are "
+                                       f"{sorted(FIELDS)}") from None
     try:
         return template.format_map(values)
-    except (KeyError, IndexError, ValueError) as err:
+    except Exception as err:  # KeyError, IndexError, ValueError, AttributeError …: this question cannot be served
         raise InvalidQuestionError(f"prompt template: {err!r}; fields are {sorted(FIELDS)}") from None
 
 
@@ -113,9 +119,9 @@ def check_template(template: str, syntax: str) -> None:
     """Render the template once on an example, so a typo is an error at training time, not a surprise later."""
     try:
         render_template(template, syntax, "Is this an example?", "A passage.", ("yes", "no"))
-    except InvalidQuestionError as err:
+    except InvalidQuestionError as err:  # includes Jinja syntax or undefined-variable errors
         raise ValueError(str(err)) from None
-    except Exception as err:  # Jinja syntax or undefined-variable errors
+    except Exception as err:
         raise ValueError(f"prompt template does not render: {type(err).__name__}: {err}; fields are "
                          f"{sorted(FIELDS)}") from None
 
@@ -126,8 +132,11 @@ def render_prefix(spec: PromptSpec, body: str, tokenizer: Any) -> str:
         return f"{spec.instruction.strip()}\n\n{body}" if spec.instruction else body
     messages = ([{"role": "system", "content": spec.instruction.strip()}] if spec.instruction else [])
     messages.append({"role": "user", "content": body})
-    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                             chat_template=spec.chat_template)
+    try:
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                                 chat_template=spec.chat_template)
+    except Exception as err:  # no chat template, or one that refuses these messages (e.g. a system role)
+        raise InvalidQuestionError(f"chat template does not render: {type(err).__name__}: {err}") from None
     return str(rendered)
 
 

@@ -16,9 +16,13 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
 from core.errors import UqserveError
+from service.access import AuthBrake, KeyRing
+from service.contract import install_contract
+from service.docs import install_docs
 from service.engine.base import Engine
 from service.engine.errors import EngineError
 from service.errors import install_error_handlers
+from service.guards import BodyGuard
 from service.metrics import LatencyMiddleware, ServiceMetrics, load_failure_reason
 from service.routes import router
 from service.settings import Settings
@@ -86,12 +90,19 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             log.info("draining in-flight requests")
             await served.stop()
 
-    app = FastAPI(title="uqserve", version=VERSION, lifespan=lifespan,
+    app = FastAPI(title="uqserve", version=VERSION, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Calibrated multiple-choice answers with uncertainty from LoRA ensembles "
                               "(multi-LoRA batched serving, abstention, calibration-drift metrics).")
     app.state.settings = settings
     app.state.metrics = metrics
+    app.state.api_keys = KeyRing.from_settings(settings)  # empty: the answer endpoints are open
+    app.state.auth_brake = AuthBrake(settings.auth_failure_burst, settings.auth_failure_refill_s)
     install_error_handlers(app)
     app.add_middleware(LatencyMiddleware, metrics=metrics)
+    # outermost: a body over max_body_bytes (413) or slower than body_timeout_s (408) never reaches a route
+    app.add_middleware(BodyGuard, max_body_bytes=settings.max_body_bytes,
+                       body_timeout_s=settings.body_timeout_s)
     app.include_router(router)
+    install_contract(app, settings)  # no slash redirects; the OpenAPI document states every status and limit
+    install_docs(app)  # /docs and /redoc with packaged assets, no CDN
     return app

@@ -32,9 +32,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from service.app import create_app
+    from service.server import run_server
 
     logging.basicConfig(level=args.log_level.upper(), format="[uqserve] %(message)s")
     try:
@@ -43,9 +42,8 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger("uqserve").error("invalid settings:\n%s", err)
         return 2
     # uvicorn stops accepting on SIGTERM/SIGINT, waits for in-flight requests, then the lifespan drains
-    # the engine's queue.
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level,
-                timeout_graceful_shutdown=int(settings.request_timeout_s) + 5)
+    # the engine's queue; header/body timeouts and the connection limit: service/server.py.
+    run_server(create_app(settings), settings, log_level=args.log_level)
     return 0
 
 

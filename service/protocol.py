@@ -2,7 +2,10 @@
 
 Static limits (2..26 choices, bundle-name pattern, threshold ranges) live on the models; limits that
 come from settings (text lengths, batch size) are checked by :func:`check_limits`, which raises
-:class:`InvalidRequestError` (rendered as 422 with the same error schema as validation errors).
+:class:`InvalidRequestError` (rendered as 422 with the same error schema as validation errors). Request
+models are strict: no coercion (``"yes"`` is not a bool, ``"0.5"`` not a number; an int is a valid float),
+no infinite or NaN numbers, no unknown fields. Text rules (valid Unicode, no control characters, visible
+text, distinct choices) are :mod:`core.text`'s; their JSON-schema patterns are stated on the fields.
 """
 
 from __future__ import annotations
@@ -10,20 +13,34 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_serializer
 from pydantic.functional_serializers import SerializerFunctionWrapHandler
 
-from core.answers import LETTERS, MAX_CHOICES, MIN_CHOICES, Question
-from core.bundle import NAME_PATTERN, RuleCalibration
+from core.answers import LETTERS, MAX_CHOICES, MIN_CHOICES, Question, validate_question
+from core.bundle import RuleCalibration
 from core.errors import InvalidQuestionError
+from core.text import OPTIONAL_TEXT_PATTERN, TEXT_PATTERN
 from service.engine.types import AnswerOptions, AnswerResult, BundleStatus
 from service.settings import Settings
 
-BundleName = Annotated[str, Field(pattern=NAME_PATTERN.pattern, max_length=64, examples=["default"])]
+# core.bundle.NAME_PATTERN (fullmatch) and no "..", as one pattern that Rust (pydantic), Python and ECMA-262
+# regexes read alike: a '.' is followed by a non-'.' or ends the name; the length is max_length
+BUNDLE_NAME_PATTERN = r"^[A-Za-z0-9](?:[A-Za-z0-9_-]|\.[A-Za-z0-9_-])*\.?$"
+BundleName = Annotated[str, Field(pattern=BUNDLE_NAME_PATTERN, max_length=64, examples=["default"])]
+_TEXT = {"pattern": TEXT_PATTERN}  # checked by core.text in to_question (with its own error code), stated here
+QuestionText = Annotated[str, Field(min_length=1, json_schema_extra=_TEXT)]
+
+
+def _json_integer(value: Any) -> Any:
+    """JSON has one number type: 2.0 is the integer 2 (as JSON Schema's ``integer`` says); 2.5, "2", true are not."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+JsonInt = Annotated[int, BeforeValidator(_json_integer)]
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 # --- errors ---------------------------------------------------------------------------------------------
@@ -65,15 +82,23 @@ class ThresholdsIn(_Request):
 
 
 class QuestionIn(_Request):
-    question: str = Field(min_length=1, examples=["Which gas do plants take in from the air?"])
+    question: QuestionText = Field(examples=["Which gas do plants take in from the air?"])
     # Omitted for a bundle trained on a label set: every question then gets the bundle's labels as choices.
-    choices: list[str] | None = Field(default=None, min_length=MIN_CHOICES, max_length=MAX_CHOICES,
-                                      examples=[["oxygen", "carbon dioxide", "helium"]])
-    context: str | None = None
+    choices: list[QuestionText] | None = Field(default=None, min_length=MIN_CHOICES, max_length=MAX_CHOICES,
+                                               examples=[["oxygen", "carbon dioxide", "helium"]],
+                                               json_schema_extra={"uniqueItems": True},
+                                               description="distinct texts (compared NFC-normalized, "
+                                               "trimmed of whitespace and zero-width characters)")
+    context: str | None = Field(default=None, json_schema_extra={"pattern": OPTIONAL_TEXT_PATTERN})
 
     def to_question(self, param: str = "", labels: tuple[str, ...] | None = None) -> Question:
-        """The engine's question; ``labels`` are the bundle's label set (None: the bundle has none)."""
-        where = f"{param}.choices" if param and param != "question" else "choices"
+        """The engine's question; ``labels`` are the bundle's label set (None: the bundle has none).
+
+        Text is checked strictly here (:func:`core.answers.validate_question`): a lone surrogate or control
+        character (``invalid_text``), blank text (``blank_text``), duplicate choices (``duplicate_choices``)
+        are 422s naming the field, e.g. ``questions.2.choices.1``."""
+        prefix = f"{param}." if param and param != "question" else ""
+        where = f"{prefix}choices"
         if self.choices is None:
             if labels is None:
                 raise InvalidRequestError("choices are required: this bundle has no label set", where,
@@ -85,9 +110,11 @@ class QuestionIn(_Request):
                 raise InvalidRequestError(f"choices differ from the bundle's labels {list(labels)}: send exactly "
                                           "those, in that order, or omit choices", where, code="choices_mismatch")
         try:
+            validate_question(self.question, choices, self.context, strict=True)
             return Question(question=self.question, choices=choices, context=self.context)
         except InvalidQuestionError as err:
-            raise InvalidRequestError(str(err), param or None, code="invalid_question") from None
+            raise InvalidRequestError(str(err), f"{prefix}{err.param}" if err.param else param or None,
+                                      code=err.code) from None
 
 
 RiskScore = Literal["one_minus_max_probability", "predictive_entropy", "mutual_information", "one_minus_feu"]
@@ -111,8 +138,8 @@ class AnswerRequest(QuestionIn, GuaranteesIn):
     thresholds: ThresholdsIn | None = None
     return_members: bool = False
 
-    def options(self) -> AnswerOptions:
-        return _options(self, self.thresholds, self.return_members)
+    def options(self, client: str = "-") -> AnswerOptions:
+        return _options(self, self.thresholds, self.return_members, client)
 
 
 class BatchAnswerRequest(GuaranteesIn):
@@ -121,15 +148,16 @@ class BatchAnswerRequest(GuaranteesIn):
     thresholds: ThresholdsIn | None = None
     return_members: bool = False
 
-    def options(self) -> AnswerOptions:
-        return _options(self, self.thresholds, self.return_members)
+    def options(self, client: str = "-") -> AnswerOptions:
+        return _options(self, self.thresholds, self.return_members, client)
 
 
-def _options(guarantees: GuaranteesIn, thresholds: ThresholdsIn | None, return_members: bool) -> AnswerOptions:
+def _options(guarantees: GuaranteesIn, thresholds: ThresholdsIn | None, return_members: bool,
+             client: str) -> AnswerOptions:
     given = {} if thresholds is None else thresholds.model_dump(exclude_none=True)
     return AnswerOptions(thresholds=given, return_members=return_members, alpha=guarantees.alpha,
                          target_risk=guarantees.target_risk, delta=guarantees.delta,
-                         risk_score=guarantees.risk_score)
+                         risk_score=guarantees.risk_score, client=client)
 
 
 def check_limits(questions: list[QuestionIn], settings: Settings, prefix: str = "") -> None:
@@ -345,8 +373,9 @@ class BundleActionResponse(BaseModel):
 
 
 class FeedbackRequest(_Request):
-    request_id: str = Field(min_length=1, max_length=64)
-    correct_index: int = Field(ge=0, lt=MAX_CHOICES)
+    # the server's request ids are 32 hex digits; letters, digits and "_.:-" leave room for other engines
+    request_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
+    correct_index: JsonInt = Field(ge=0, lt=MAX_CHOICES)
 
 
 class FeedbackResponse(BaseModel):

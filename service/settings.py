@@ -41,11 +41,35 @@ class Settings(BaseSettings):
     max_choice_chars: int = Field(default=500, gt=0)
     max_batch_questions: int = Field(default=64, gt=0)
 
+    # slow clients and floods (service/server.py, service/guards.py); each answered in the error schema
+    header_timeout_s: float = Field(default=10.0, gt=0)  # request line + headers within this, else 408 + close
+    body_timeout_s: float = Field(default=30.0, gt=0)  # whole body within this after the headers, else 408
+    max_connections: int | None = Field(default=256, gt=0)  # open at once; a newer one gets 503 + Retry-After
+    # The largest legal batch, 64 × (4000 + 8000 + 26 × 500) = 1.6 M characters, is ~1.7 MB as ASCII JSON and
+    # at most ~6.5 MB as UTF-8 JSON; over this bound: 413.
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
+
     # batching (limits in rows: one row = one question × one member)
     max_batch_rows: int = Field(default=64, gt=0)
     max_wait_ms: float = Field(default=5.0, ge=0)
     max_queue_rows: int = Field(default=2048, gt=0)
     torch_threads: int | None = Field(default=None, gt=0)  # None = every core
+
+    # admission and scheduling by cost: a question costs rows × tokens (prompt and, in cloze format, every
+    # choice), a forward pays its rows × its longest question. A client is its API key, or its address.
+    max_request_cost: int = Field(default=32768, gt=0)  # over it: 413 request_too_costly (split the batch)
+    max_client_cost: int = Field(default=65536, gt=0)  # a client's admitted, unfinished cost; over it: 429
+    max_batch_cost: int = Field(default=8192, gt=0)  # padded cost of one forward (a costlier question runs alone)
+    step_cost: int = Field(default=1024, gt=0)  # row-tokens per forward step: how long a short question can wait
+    short_cost: int = Field(default=1024, ge=0)  # questions up to this cost run between a costly batch's steps
+    fair_scheduling: bool = True  # false: one FIFO queue, forwards run to completion (the old behaviour)
+
+    # client access: optional API keys for /v1/answer*, /v1/feedback (admin endpoints keep UQSERVE_ADMIN_KEY).
+    # Entries "name:sha256-hex-of-key" (make one with `uqserve keys new NAME`); unset = open, per-address budgets.
+    api_keys: Annotated[list[str], NoDecode] = []
+    api_keys_file: Path | None = None  # one "name:sha256" entry a line (# comments), added to api_keys
+    auth_failure_burst: int = Field(default=10, gt=0)  # wrong keys (admin or client) a client may send at once
+    auth_failure_refill_s: float = Field(default=6.0, gt=0)  # then one more try per this many seconds (else 429)
 
     # multi-LoRA slots
     max_lora_rank: int = Field(default=16, gt=0)
@@ -86,7 +110,7 @@ class Settings(BaseSettings):
     abstain_one_minus_max_probability: float | None = Field(default=None, ge=0, le=1)
     abstain_one_minus_feu: float | None = Field(default=None, ge=0, le=1)
 
-    @field_validator("preload_bundles", "vllm_lora_target_modules", mode="before")
+    @field_validator("preload_bundles", "vllm_lora_target_modules", "api_keys", mode="before")
     @classmethod
     def _split_names(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -98,6 +122,9 @@ class Settings(BaseSettings):
         if self.max_batch_rows > self.max_queue_rows:
             raise ValueError(f"max_batch_rows ({self.max_batch_rows}) exceeds max_queue_rows "
                              f"({self.max_queue_rows})")
+        if self.max_request_cost > self.max_client_cost:
+            raise ValueError(f"max_request_cost ({self.max_request_cost}) exceeds max_client_cost "
+                             f"({self.max_client_cost}): such a request could never be admitted")
         if self.admin_key is not None and not self.admin_key.get_secret_value().strip():
             raise ValueError("admin_key must not be blank (unset it to disable admin endpoints)")
         return self

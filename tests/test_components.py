@@ -109,7 +109,7 @@ def test_nginx_round_robin_and_failover(tmp_path: Path) -> None:
             a.server_close()
             down = client.get(f"{base}/v1/x")
             assert down.status_code == 502 and down.json()["error"]["code"] == "bad_gateway"
-            too_big = client.post(f"{base}/v1/x", content=b"x" * (1024 * 1024 + 1))
+            too_big = client.post(f"{base}/v1/x", content=b"x" * (8 * 1024 * 1024 + 1))  # client_max_body_size 8m
             assert too_big.status_code == 413 and too_big.json()["error"]["type"] == "invalid_request_error"
     assert '"upstream_status"' in (tmp_path / "nginx" / "access.log").read_text()
 

@@ -1,4 +1,5 @@
-"""``uqserve`` command: ``train {ensemble,laplace,uq4ct}``, ``eval``, ``calibrate``, ``serve``, ``log``.
+"""``uqserve`` command: ``train {ensemble,laplace,uq4ct}``, ``eval``, ``calibrate``, ``serve``, ``log``, ``ask``,
+``keys``.
 
 Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``;
 modules are imported only when their subcommand runs, so serving never imports training code.
@@ -21,6 +22,7 @@ _TOP = {
     "serve": ("service.cli", "run the HTTP service"),
     "log": ("service.predlog.export", "the prediction log: export answers and labels, upgrade, purge"),
     "ask": ("uqserve.ask_cli", "ask a running server a question (typed client)"),
+    "keys": ("service.keys_cli", "make a client API key and its server entry (hash)"),
 }
 
 

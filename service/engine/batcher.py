@@ -1,10 +1,23 @@
 """Async micro-batcher: requests expand into row work, flushed into shared forwards by size or deadline.
 
-Limits are counted in rows (one question × one member). A flush happens when the queue holds
-``max_batch_rows`` rows or the oldest queued question has waited ``max_wait_s``; it takes whole
-questions in FIFO order up to ``max_batch_rows`` rows (always at least one). The forward runs in the
-engine's single worker thread, so the event loop keeps accepting requests meanwhile. If a shared
-forward raises, each request in it is retried alone, so one bad request fails only itself.
+Limits are counted in rows (one question × one member) and in **cost** (rows × tokens, what a forward's
+layers pay; a batch pays its rows × its longest question, since rows are padded to it).
+
+- **Flush.** A flush happens when the queue holds ``max_batch_rows`` rows or the oldest queued question
+  has waited ``max_wait_s``; it takes whole questions up to ``max_batch_rows`` rows and ``max_batch_cost``
+  padded cost (always at least one question).
+- **Fair order.** Each client (an API key or an address) has its own FIFO queue; a flush takes one question
+  from each client in turn, so a client that queued 64 questions does not push back another's one.
+- **Bounded steps, short questions first.** The forward runs on the engine's single worker thread as a
+  :class:`~service.engine.forward.ForwardPlan` of steps of about ``step_cost`` row-tokens. Between the
+  steps of a costly batch, questions waiting with a cost of at most ``short_cost`` run to completion
+  first: a small question waits for one step of a maximal batch, not for the whole batch.
+- **Cancellation.** A request that is cancelled (timed out, client gone) leaves the queue; a running batch
+  whose every request is cancelled stops at its next step.
+- **Isolation.** If a shared forward raises, each request in it is retried alone, so one bad request fails
+  only itself.
+
+``fair=False`` restores one FIFO queue and run-to-completion forwards (the benchmarks' "before").
 """
 
 from __future__ import annotations
@@ -13,7 +26,7 @@ import asyncio
 import logging
 import math
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,6 +41,7 @@ from service.engine.types import EngineObserver, Timings
 log = logging.getLogger("uqserve.batcher")
 T = TypeVar("T")
 ForwardFn = Callable[[list[RowWork]], list[torch.Tensor]]
+ANONYMOUS = "-"
 
 
 @dataclass
@@ -52,26 +66,43 @@ class _Unit:
     work: RowWork
     job: _Job
     index: int
+    client: str
     enqueued: float = field(default_factory=time.perf_counter)
+
+    @property
+    def cost(self) -> int:
+        return self.work.cost
+
+
+def padded_cost(units: list[_Unit]) -> int:
+    """What a forward of ``units`` pays: all rows, each as long as the longest question."""
+    return sum(u.work.rows for u in units) * max((u.work.tokens for u in units), default=0)
 
 
 class MicroBatcher:
-    """Queues :class:`RowWork` and runs it in shared forwards on one worker thread."""
+    """Queues :class:`RowWork` per client and runs it in shared forwards on one worker thread."""
 
     def __init__(self, forward: ForwardFn, executor: ThreadPoolExecutor, *, max_batch_rows: int,
-                 max_wait_s: float, max_queue_rows: int, observer: EngineObserver | None = None) -> None:
+                 max_wait_s: float, max_queue_rows: int, observer: EngineObserver | None = None,
+                 max_batch_cost: int | None = None, step_cost: int | None = None, short_cost: int = 0,
+                 fair: bool = True) -> None:
         self.forward = forward
         self.executor = executor
         self.max_batch_rows = max_batch_rows
         self.max_wait_s = max_wait_s
         self.max_queue_rows = max_queue_rows
+        self.max_batch_cost = max_batch_cost
+        self.step_cost = step_cost if fair else None
+        self.short_cost = short_cost if fair else 0
+        self.fair = fair
         self.observer = observer or EngineObserver()
-        self._queue: deque[_Unit] = deque()
+        self._queues: OrderedDict[str, deque[_Unit]] = OrderedDict()
         self._queued_rows = 0
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._last_forward_s = 0.05
+        self.preemptions = 0  # short batches run between the steps of a costly one
 
     @property
     def queued_rows(self) -> int:
@@ -94,8 +125,8 @@ class MicroBatcher:
         """Run ``fn`` on the forward thread, serialized with forwards (used for LoRA slot writes)."""
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
-    async def submit(self, works: list[RowWork]) -> list[tuple[torch.Tensor, Timings]]:
-        """Queue one request's questions; returns per question (scores [R, K], timings) in order."""
+    async def submit(self, works: list[RowWork], client: str = ANONYMOUS) -> list[tuple[torch.Tensor, Timings]]:
+        """Queue one request's questions for ``client``; returns per question (scores [R, K], timings) in order."""
         if self._closing or self._task is None:
             raise EngineUnavailableError("the engine is not accepting requests (starting or shutting down)")
         rows = sum(w.rows for w in works)
@@ -103,8 +134,9 @@ class MicroBatcher:
             raise QueueFullError(f"queue full: {self._queued_rows} rows queued, this request needs {rows}, "
                                  f"limit {self.max_queue_rows}", retry_after_s=self._retry_after())
         job = _Job(asyncio.get_running_loop().create_future(), [None] * len(works), len(works))
+        queue = self._queues.setdefault(client if self.fair else ANONYMOUS, deque())
         for index, work in enumerate(works):
-            self._queue.append(_Unit(work, job, index))
+            queue.append(_Unit(work, job, index, client))
         self._queued_rows += rows
         self._wakeup.set()
         try:
@@ -118,36 +150,60 @@ class MicroBatcher:
         return max(1, math.ceil(batches * self._last_forward_s))
 
     def _discard(self, job: _Job) -> None:
-        kept = deque(u for u in self._queue if u.job is not job)
-        self._queued_rows -= sum(u.work.rows for u in self._queue if u.job is job)
-        self._queue = kept
+        for client, queue in list(self._queues.items()):
+            self._queued_rows -= sum(u.work.rows for u in queue if u.job is job)
+            kept = deque(u for u in queue if u.job is not job)
+            if kept:
+                self._queues[client] = kept
+            else:
+                del self._queues[client]
 
-    def _take(self) -> list[_Unit]:
+    def _oldest(self) -> float:
+        return min(queue[0].enqueued for queue in self._queues.values())
+
+    def _take(self, short_only: bool = False) -> list[_Unit]:
+        """Whole questions for one forward: one per client in turn (FIFO within a client), within the row and
+        padded-cost caps; ``short_only`` takes only questions of cost ≤ ``short_cost``."""
         units: list[_Unit] = []
         rows = 0
-        while self._queue:
-            unit = self._queue[0]
-            if units and rows + unit.work.rows > self.max_batch_rows:
-                break
-            self._queue.popleft()
-            self._queued_rows -= unit.work.rows
-            if not unit.job.future.done():
+        progress = True
+        while progress:
+            progress = False
+            for client in list(self._queues):
+                queue = self._queues[client]
+                while queue and queue[0].job.future.done():  # cancelled: drop
+                    self._queued_rows -= queue.popleft().work.rows
+                if not queue:
+                    del self._queues[client]
+                    continue
+                unit = queue[0]
+                if short_only and unit.cost > self.short_cost:
+                    continue
+                if units and (rows + unit.work.rows > self.max_batch_rows or (
+                        self.max_batch_cost is not None and padded_cost([*units, unit]) > self.max_batch_cost)):
+                    continue
+                queue.popleft()
+                self._queued_rows -= unit.work.rows
                 units.append(unit)
                 rows += unit.work.rows
+                progress = True
+                self._queues.move_to_end(client)  # the next flush starts with the next client
+                if not queue:
+                    del self._queues[client]
         return units
 
     async def _loop(self) -> None:
         while True:
-            if not self._queue:
+            if not self._queues:
                 if self._closing:
                     return
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            deadline = self._queue[0].enqueued + self.max_wait_s
+            deadline = self._oldest() + self.max_wait_s
             while self._queued_rows < self.max_batch_rows and not self._closing:
                 remaining = deadline - time.perf_counter()
-                if remaining <= 0 or not self._queue:
+                if remaining <= 0 or not self._queues:
                     break
                 self._wakeup.clear()
                 try:
@@ -158,10 +214,10 @@ class MicroBatcher:
             if units:
                 await self._run(units)
 
-    async def _run(self, units: list[_Unit]) -> None:
+    async def _run(self, units: list[_Unit], preemptible: bool = True) -> None:
         start = time.perf_counter()
         try:
-            outputs = await self.run_in_worker(self.forward, [u.work for u in units])
+            outputs = await self._forward(units, preemptible)
         except Exception as err:  # isolate: retry each request alone so only the bad one fails
             jobs = list({id(u.job): u.job for u in units}.values())
             if len(jobs) == 1:
@@ -169,7 +225,9 @@ class MicroBatcher:
                 jobs[0].fail(err)
                 return
             for job in jobs:
-                await self._run([u for u in units if u.job is job])
+                await self._run([u for u in units if u.job is job], preemptible=False)
+            return
+        if outputs is None:  # every request in the batch was cancelled
             return
         elapsed = time.perf_counter() - start
         self._last_forward_s = elapsed
@@ -181,3 +239,23 @@ class MicroBatcher:
             self.observer.batch_done(rows, [start - u.enqueued for u in units])
         except Exception:  # metrics must never break serving
             log.exception("observer failed")
+
+    async def _forward(self, units: list[_Unit], preemptible: bool) -> list[torch.Tensor] | None:
+        """Run the forward of ``units``; between its steps run short waiting questions first. None when
+        every request in it was cancelled before it finished."""
+        works = [u.work for u in units]
+        plan_of = getattr(self.forward, "plan", None)
+        costly = padded_cost(units) > self.short_cost
+        if plan_of is None or self.step_cost is None or not costly:
+            return await self.run_in_worker(self.forward, works)
+        plan = plan_of(works, self.step_cost)
+        while not await self.run_in_worker(plan.step):
+            if all(u.job.future.done() for u in units):
+                return None
+            if preemptible and self.short_cost and self._queues:
+                short = self._take(short_only=True)
+                if short:
+                    self.preemptions += 1
+                    await self._run(short, preemptible=False)
+        result: list[torch.Tensor] = plan.result()
+        return result

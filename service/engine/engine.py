@@ -47,7 +47,9 @@ class UQEngine(ServingEngine):
         self.forward = MixedForward(base.model, base.tokenizer, self.multilora, shared_trunk=shared_trunk)
         self.batcher = MicroBatcher(self.forward, self.executor, max_batch_rows=settings.max_batch_rows,
                                     max_wait_s=settings.max_wait_ms / 1000,
-                                    max_queue_rows=settings.max_queue_rows)
+                                    max_queue_rows=settings.max_queue_rows, max_batch_cost=settings.max_batch_cost,
+                                    step_cost=settings.step_cost, short_cost=settings.short_cost,
+                                    fair=settings.fair_scheduling)
         self._fill_lock = threading.Lock()
 
     @classmethod
@@ -79,8 +81,8 @@ class UQEngine(ServingEngine):
 
     # --- rows → choice scores -------------------------------------------------------------------------
 
-    async def _score(self, works: list[RowWork]) -> list[tuple[torch.Tensor, Timings]]:
-        return await self.batcher.submit(works)
+    async def _score(self, works: list[RowWork], client: str) -> list[tuple[torch.Tensor, Timings]]:
+        return await self.batcher.submit(works, client)
 
     # --- adapters in slots ----------------------------------------------------------------------------
 

@@ -96,3 +96,21 @@ class GuaranteeError(InvalidInputError):
     def __init__(self, message: str, *, code: str, param: str | None = None) -> None:
         super().__init__(message, param=param)
         self.code = code
+
+
+class RequestTooCostlyError(EngineError):
+    """One request costs more (rows × tokens) than ``max_request_cost``: split it (413, not worth retrying)."""
+
+    code = "request_too_costly"
+
+
+class ClientBudgetError(QueueFullError):
+    """The client's admitted, unfinished work would exceed ``max_client_cost``: retry after ``retry_after_s``."""
+
+    code = "client_budget_exhausted"
+
+
+class ClientGoneError(EngineError):
+    """The client closed the connection before its answer was ready; its work was cancelled."""
+
+    code = "client_closed_request"

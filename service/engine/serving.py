@@ -31,16 +31,19 @@ import torch
 
 from core.answers import PROMPT_VERSION, EncodedQuestion, Question, encode_question
 from core.basemodel import BaseModelInfo
-from core.bundle import Bundle, bundle_path, read_bundle
+from core.bundle import MANIFEST, Bundle, bundle_path, read_bundle
+from core.bundle_checks import answer_space_problem
 from core.errors import BundleError, IncompatibleBundleError, InvalidQuestionError
 from core.multilora import ALL_MODULES
 from service.engine.abstention import abstain_reasons, resolve_thresholds
+from service.engine.admission import Admission
 from service.engine.base import Engine
 from service.engine.errors import (
     BundleIncompatibleError,
     BundleNotFoundError,
     BundleRefusedError,
     DuplicateFeedbackError,
+    EngineError,
     EngineUnavailableError,
     FeedbackNotFoundError,
     InvalidInputError,
@@ -88,6 +91,7 @@ class ServingEngine(Engine):
         self.monitoring = Monitor(settings.feedback_window, settings.drift_window, settings.drift_min_samples)
         self.watch = GuaranteeWatch(settings.feedback_window, settings.guarantee_alarm_level)
         self.store = open_store(settings)
+        self.admission = Admission(settings.max_request_cost, settings.max_client_cost)
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._accepting = False
         self._in_flight = 0  # answer and feedback calls between entry and return
@@ -103,8 +107,9 @@ class ServingEngine(Engine):
         """Finish queued and running rows, then release the scorer."""
 
     @abstractmethod
-    async def _score(self, works: list[RowWork]) -> list[tuple[torch.Tensor, Timings]]:
-        """Per work item: choice scores [R_i, K_i] float32 (softmax over K_i = row i's distribution)."""
+    async def _score(self, works: list[RowWork], client: str) -> list[tuple[torch.Tensor, Timings]]:
+        """Per work item: choice scores [R_i, K_i] float32 (softmax over K_i = row i's distribution); ``client``
+        is who asked (engines that schedule fairly queue per client)."""
 
     @abstractmethod
     def _check_fit(self, bundle: Bundle, predictor: Predictor, loads: list[SlotLoad]) -> None:
@@ -162,10 +167,12 @@ class ServingEngine(Engine):
             rows = tuple(entry.predictor.row_slots())
             works = [RowWork(e, entry.answer_format, rows, entry.predictor.first_layer,
                              custom=entry.predictor.custom_forward) for e in encoded]
-            try:
-                outputs = await asyncio.wait_for(self._score(works), self.settings.request_timeout_s)
-            except TimeoutError:
-                raise RequestTimeoutError(f"no answer within {self.settings.request_timeout_s:g} s") from None
+            with self.admission.admit(options.client, sum(w.cost for w in works)):  # 413 / 429 before queueing
+                try:
+                    outputs = await asyncio.wait_for(self._score(works, options.client),
+                                                     self.settings.request_timeout_s)
+                except TimeoutError:  # its queued rows left the queue; a running batch of its own stops
+                    raise RequestTimeoutError(f"no answer within {self.settings.request_timeout_s:g} s") from None
             k_max = max(s.shape[-1] for s, _ in outputs)
             stacked = torch.stack([torch.nn.functional.pad(s, (0, k_max - s.shape[-1]), value=float("-inf"))
                                    for s, _ in outputs])  # [Q, R, K]
@@ -274,7 +281,11 @@ class ServingEngine(Engine):
             if bundle.manifest.name != name:
                 raise BundleRefusedError(f"directory {name!r} holds bundle {bundle.manifest.name!r}",
                                          reason="invalid_bundle")
-            reference = await asyncio.to_thread(drift_reference, bundle.manifest.calibration)
+            try:
+                reference = await asyncio.to_thread(drift_reference, bundle.manifest.calibration)
+            except Exception as err:  # reference histograms the drift monitor cannot use
+                raise BundleRefusedError(f"bundle {name!r}: {MANIFEST}: calibration: {type(err).__name__}: {err}",
+                                         reason="invalid_bundle") from None
             try:  # before any adapter is placed, so a failing log leaves nothing to release
                 history = await self.store.history(name, bundle.manifest.version, bundle.manifest.calibration_hash(),
                                                    self.settings.feedback_window, self.settings.drift_window)
@@ -296,9 +307,11 @@ class ServingEngine(Engine):
                                      f"(this server serves: {supported})", reason="unsupported_method")
         try:
             predictor = predictor_for(bundle)
-        except (LookupError, ValueError) as err:  # the method's own checks (missing artifacts, bad config)
+            loads = predictor.slot_loads()
+        except EngineError:
+            raise
+        except Exception as err:  # the method's own checks (missing artifacts or members, bad config)
             raise BundleRefusedError(f"bundle {bundle.manifest.name!r}: {err}", reason="invalid_bundle") from None
-        loads = predictor.slot_loads()
         manifest = bundle.manifest
         if manifest.answer_space.prompt_version != PROMPT_VERSION:
             raise BundleRefusedError(f"bundle {manifest.name!r}: prompt_version "
@@ -307,8 +320,17 @@ class ServingEngine(Engine):
         mismatch = manifest.answer_space.prompt.mismatch(self.tokenizer)
         if mismatch is not None:
             raise BundleRefusedError(f"bundle {manifest.name!r}: {mismatch}", reason="prompt_mismatch")
+        problem = answer_space_problem(manifest.answer_space, self.tokenizer)
+        if problem is not None:  # it would fail every question: refuse it now rather than 4xx each request
+            raise BundleRefusedError(f"bundle {manifest.name!r}: {MANIFEST}: {problem}", reason="answer_space")
         self._check_fit(bundle, predictor, loads)
-        predictor.slots = await self._place(predictor, loads)
+        try:  # an engine's _place frees what it took before raising
+            predictor.slots = await self._place(predictor, loads)
+        except EngineError:
+            raise
+        except Exception as err:  # adapters the engine's own loader rejects
+            raise BundleRefusedError(f"bundle {manifest.name!r}: adapters do not load: {err}",
+                                     reason="layout") from None
         ref = BundleRef(name=manifest.name, version=manifest.version, method=manifest.method.value,
                         base_model_hash=manifest.base_model.weight_hash,
                         calibration_hash=manifest.calibration_hash(),

@@ -20,6 +20,7 @@ class AnswerOptions:
     target_risk: float | None = None  # risk control's ε (None: the bundle's, if any)
     delta: float | None = None  # risk control's δ (None: the bundle's)
     risk_score: str | None = None  # the score risk control thresholds (None: the bundle's)
+    client: str = "-"  # who asks (API key name or address): the per-client budget and fair queue count it
 
 
 @dataclass(frozen=True)

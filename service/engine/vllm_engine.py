@@ -153,7 +153,7 @@ class VllmEngine(ServingEngine):
 
     # --- rows → choice scores -------------------------------------------------------------------------
 
-    async def _score(self, works: list[RowWork]) -> list[tuple[torch.Tensor, Timings]]:
+    async def _score(self, works: list[RowWork], client: str) -> list[tuple[torch.Tensor, Timings]]:
         rows = sum(work.rows for work in works)
         if self._in_flight_rows + rows > self.settings.max_queue_rows:
             raise QueueFullError(f"queue full: {self._in_flight_rows} rows in vLLM, this request needs {rows}, "

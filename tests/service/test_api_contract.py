@@ -271,7 +271,7 @@ def test_malformed_json_is_422(client: tuple[TestClient, FakeEngine]) -> None:
         (body(context="x" * 201), "context"),
         (body(choices=["a", "y" * 21]), "choices.1"),
         (body(question="   "), "question"),
-        (body(choices=["a", "  "]), "question"),
+        (body(choices=["a", "  "]), "choices.1"),  # the blank choice itself
     ],
 )
 def test_configured_limits(client: tuple[TestClient, FakeEngine], payload: dict, param: str) -> None:

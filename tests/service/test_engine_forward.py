@@ -17,7 +17,7 @@ from core.answers import AnswerFormat, Question, choice_continuations, encode_qu
 from core.basemodel import BaseModel
 from core.multilora import ATTENTION_MODULES, MLP_MODULES
 from service.engine.engine import UQEngine
-from service.engine.forward import MixedForward, RowWork
+from service.engine.forward import ForwardPlan, MixedForward, RowWork
 from service.engine.types import AnswerOptions
 
 # (layers, modules, rank) per bundle: different splits, module subsets and ranks below the engine's max
@@ -57,15 +57,21 @@ def _engine(engine_factory: Any, bundle_maker: Any, root: Path) -> UQEngine:
 
 
 def test_mixed_batch_equals_per_bundle_and_per_member(
-    engine_factory: Any, bundle_maker: Any, bundle_root: Path, tiny_questions: list[Question]
+    engine_factory: Any, bundle_maker: Any, bundle_root: Path, tiny_questions: list[Question],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     engine = _engine(engine_factory, bundle_maker, bundle_root)
     works = {name: _works(engine, name, tiny_questions) for name in LAYOUTS}
     mixed_items = [w for name in LAYOUTS for w in works[name]]
     assert sum(w.rows for w in mixed_items) == 4 * 5 * len(tiny_questions)
     calls = []
-    original = engine.forward._group
-    engine.forward._group = lambda group, fmt: calls.append(len(group)) or original(group, fmt)  # type: ignore
+    original = ForwardPlan._group
+
+    def spy(plan: ForwardPlan, group: list[RowWork], *args: Any) -> Any:
+        calls.append(len(group))
+        return original(plan, group, *args)
+
+    monkeypatch.setattr(ForwardPlan, "_group", spy)
     mixed = engine.forward(mixed_items)  # ONE forward for every row of the 4 bundles
     assert calls == [len(mixed_items)]
     i = 0
@@ -82,6 +88,24 @@ def test_mixed_batch_equals_per_bundle_and_per_member(
     base_rows = RowWork(mixed_items[0].encoded, AnswerFormat.CLOZE, (-1,), 0)
     assert not torch.allclose(mixed[0][0], engine.forward([base_rows])[0][0], atol=1e-3)
     assert not torch.allclose(mixed[0][0], mixed[0][1], atol=1e-3)
+
+
+def test_stepped_plan_equals_one_call(
+    engine_factory: Any, bundle_maker: Any, bundle_root: Path, tiny_questions: list[Question]
+) -> None:
+    """A forward cut into (layer, row chunk) steps computes what the one-call forward computes."""
+    engine = _engine(engine_factory, bundle_maker, bundle_root)
+    items = [w for name in LAYOUTS for w in _works(engine, name, tiny_questions)]
+    whole = engine.forward(items)
+    longest = max(w.tokens for w in items)
+    plan = engine.forward.plan(items, step_cost=2 * longest)  # two rows a step
+    steps = 1
+    while not plan.step():
+        steps += 1
+    rows = sum(w.rows for w in items)
+    assert steps > engine.base.info.num_layers * rows // 4  # many bounded steps, not one
+    for stepped, reference in zip(plan.result(), whole, strict=True):
+        torch.testing.assert_close(stepped, reference, atol=1e-5, rtol=1e-5)
 
 
 def test_shared_trunk_equals_full_depth(

@@ -28,16 +28,17 @@ class AsyncClient:
 
     ``timeout`` (seconds, or an ``httpx.Timeout``) bounds each send; ``max_retries`` bounds the resends
     after 429s (waiting ``Retry-After``, at most ``max_retry_wait`` seconds each) and after failed
-    connections of GETs. ``admin_key`` is sent as ``Authorization: Bearer`` to the admin endpoints only.
+    connections of GETs. ``admin_key`` is sent as ``Authorization: Bearer`` to the admin endpoints only;
+    ``api_key`` (servers with ``UQSERVE_API_KEYS``) as ``X-API-Key`` to the others.
     ``transport`` replaces httpx's (e.g. ``httpx.MockTransport`` in tests); ``headers`` go on every request.
     """
 
-    def __init__(self, base_url: str = DEFAULT_URL, *, admin_key: str | None = None,
+    def __init__(self, base_url: str = DEFAULT_URL, *, admin_key: str | None = None, api_key: str | None = None,
                  timeout: float | httpx.Timeout | None = 30.0, max_retries: int = 3, max_retry_wait: float = 30.0,
                  transport: httpx.AsyncBaseTransport | None = None,
                  headers: Mapping[str, str] | None = None) -> None:
         self._core = _core.Core(base_url, admin_key=admin_key, timeout=timeout, max_retries=max_retries,
-                                max_retry_wait=max_retry_wait, headers=headers)
+                                max_retry_wait=max_retry_wait, headers=headers, api_key=api_key)
         self._http = httpx.AsyncClient(**self._core.http_options(transport))
 
     @property

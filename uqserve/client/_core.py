@@ -124,11 +124,13 @@ class Core:
     """Configuration and decisions of one client (sync or async)."""
 
     def __init__(self, base_url: str, *, admin_key: str | None, timeout: float | httpx.Timeout | None,
-                 max_retries: int, max_retry_wait: float, headers: Mapping[str, str] | None) -> None:
+                 max_retries: int, max_retry_wait: float, headers: Mapping[str, str] | None,
+                 api_key: str | None = None) -> None:
         if max_retries < 0:
             raise ValueError("max_retries must be >= 0")
         self.base_url = base_url.rstrip("/")
         self.admin_key = admin_key
+        self.api_key = api_key
         self.timeout = httpx.Timeout(timeout)
         self.retry = RetryPolicy(max_retries=max_retries, max_retry_wait=max_retry_wait)
         self.headers = {"User-Agent": _user_agent(), "Accept": "application/json", **(headers or {})}
@@ -140,7 +142,11 @@ class Core:
 
     def request_args(self, spec: RequestSpec[Any]) -> dict[str, Any]:
         """Keyword arguments of ``httpx.Client.request`` for ``spec``."""
-        headers = {"Authorization": f"Bearer {self.admin_key}"} if spec.admin and self.admin_key else None
+        headers = None
+        if spec.admin and self.admin_key:
+            headers = {"Authorization": f"Bearer {self.admin_key}"}
+        elif not spec.admin and self.api_key:
+            headers = {"X-API-Key": self.api_key}
         return {"method": spec.method, "url": spec.path, "json": spec.json, "headers": headers}
 
     def settle(self, spec: RequestSpec[T], attempt: int, outcome: httpx.Response | httpx.RequestError) -> T | Retry:

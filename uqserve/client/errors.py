@@ -18,7 +18,10 @@ Hierarchy (server code in brackets)::
     │   ├── ChoicesMismatch           [choices_mismatch]  choices differ from the bundle's label set
     │   ├── InvalidBundleName         [invalid_bundle_name]
     │   ├── InvalidInput              [invalid_input]     the engine cannot score it / bad label index
-    │   ├── PayloadTooLarge           413
+    │   ├── PayloadTooLarge           [body_too_large]    413: over the server's (or proxy's) body limit
+    │   │   └── RequestTooCostly      [request_too_costly] 413: over max_request_cost (rows × tokens)
+    │   ├── MalformedRequest          [malformed_http]    400: the server could not parse the HTTP request
+    │   ├── SlowRequest               [client_timeout]    408: headers or body arrived too slowly
     │   └── BundleRefused             [bundle_refused]    malformed or unsupported bundle (422)
     │       └── IncompatibleBaseModel [incompatible_base_model] (409; also a ConflictError)
     ├── AdminAuthError                401/403
@@ -31,12 +34,19 @@ Hierarchy (server code in brackets)::
     ├── ConflictError                 409
     │   ├── IncompatibleBaseModel
     │   └── DuplicateFeedback         [duplicate]
-    ├── RateLimitError                429
-    │   └── QueueFull                 [queue_full]        (``retry_after`` from the header)
+    ├── ApiKeyError                   401 (servers with client API keys)
+    │   ├── MissingApiKey             [missing_api_key]
+    │   └── InvalidApiKey             [invalid_api_key]
+    ├── ClientClosedRequest           [client_closed_request] (499, logged by the server only)
+    ├── RateLimitError                429 [rate_limited]: the reverse proxy's per-address limit
+    │   ├── QueueFull                 [queue_full]        (``retry_after`` from the header)
+    │   ├── ClientBudgetExhausted     [client_budget_exhausted] this client's unfinished work is at its budget
+    │   └── TooManyAuthFailures       [too_many_auth_failures] too many wrong keys from this address
     └── ServerError                   5xx
         ├── InternalServerError       [internal_error] (500)
         ├── Unavailable               [unavailable]   (503: starting or draining)
         ├── SlotsExhausted            [slots_exhausted] (503, ``retry_after``)
+        ├── TooManyConnections        [too_many_connections] (503, ``retry_after``: the request was not run)
         └── RequestTimeout            [timeout]       (504: the server's own request timeout)
 """
 
@@ -103,7 +113,23 @@ class LimitExceeded(InvalidRequestError):
 
 
 class InvalidQuestion(InvalidRequestError):
-    """Blank question or choice text."""
+    """A question the server's text rules refuse (the subclasses below name which rule)."""
+
+
+class InvalidText(InvalidQuestion):
+    """Text that is not valid Unicode (a lone surrogate) or holds a control character other than tab/newline/CR."""
+
+
+class BlankText(InvalidQuestion):
+    """A question or choice with no visible character (whitespace and zero-width characters do not count)."""
+
+
+class DuplicateChoices(InvalidQuestion):
+    """Two choices are the same text (compared NFC-normalized, trimmed of whitespace and zero-width characters)."""
+
+
+class ChoiceCount(InvalidQuestion):
+    """Fewer than 2 or more than 26 choices."""
 
 
 class ChoicesRequired(InvalidRequestError):
@@ -140,6 +166,27 @@ class ScoreUnavailable(GuaranteeUnavailable):
 
 class PayloadTooLarge(InvalidRequestError):
     """413: the request body is over the server's (or a proxy's) size limit."""
+
+
+class MalformedRequest(InvalidRequestError):
+    """400: the server could not parse the HTTP request line or headers (or they were over its size limit)."""
+
+
+class MalformedBody(InvalidRequestError):
+    """The body is not JSON: malformed (422 ``invalid_json``) or undecodable (400 ``invalid_body``: not UTF-8,
+    nested too deeply, a number with too many digits)."""
+
+
+class UnsupportedMediaType(InvalidRequestError):
+    """415: the body was not sent as ``Content-Type: application/json``."""
+
+
+class MethodNotAllowed(InvalidRequestError):
+    """405: the path does not serve this method (the ``Allow`` header lists those it does)."""
+
+
+class SlowRequest(InvalidRequestError):
+    """408: the request's headers or body did not reach the server within its header or body timeout."""
 
 
 class AdminAuthError(UqserveClientError):
@@ -182,6 +229,26 @@ class IncompatibleBaseModel(BundleRefused, ConflictError):
     """A well-formed bundle made for another base model (409)."""
 
 
+class RequestTooCostly(PayloadTooLarge):
+    """413: the request costs more (rows × tokens) than the server's ``max_request_cost``; split the batch."""
+
+
+class ApiKeyError(UqserveClientError):
+    """401 from an answer or feedback endpoint of a server that requires client API keys."""
+
+
+class MissingApiKey(ApiKeyError):
+    """No API key was sent (pass ``api_key=`` to the client)."""
+
+
+class InvalidApiKey(ApiKeyError):
+    """The API key was wrong."""
+
+
+class ClientClosedRequest(UqserveClientError):
+    """499: the server saw the connection close before the answer was ready and cancelled the work."""
+
+
 class DuplicateFeedback(ConflictError):
     """A label was already recorded for this request id."""
 
@@ -192,6 +259,14 @@ class RateLimitError(UqserveClientError):
 
 class QueueFull(RateLimitError):
     """The server's row queue is full; the client already retried ``max_retries`` times."""
+
+
+class ClientBudgetExhausted(RateLimitError):
+    """This client's admitted, unfinished work is at the server's ``max_client_cost``; retried after Retry-After."""
+
+
+class TooManyAuthFailures(RateLimitError):
+    """Too many wrong keys from this address; even a right key waits ``retry_after`` seconds."""
 
 
 class ServerError(UqserveClientError):
@@ -210,16 +285,29 @@ class SlotsExhausted(ServerError):
     """503: no free LoRA slots for a bundle load; they free up as in-flight requests finish."""
 
 
+class TooManyConnections(ServerError):
+    """503: the server had too many open connections and refused this one before running the request."""
+
+
 class RequestTimeout(ServerError):
     """504: the request did not finish within the server's own ``request_timeout_s``."""
 
 
 # error.code → class; the complete set of codes the server sends (service/engine/errors.py,
-# service/protocol.py, service/routes.py, service/errors.py).
+# service/protocol.py, service/routes.py, service/errors.py, service/guards.py, service/server.py).
 ERROR_CODES: dict[str, type[UqserveClientError]] = {
     "validation_error": RequestValidationError,
     "limit_exceeded": LimitExceeded,
     "invalid_question": InvalidQuestion,
+    "invalid_text": InvalidText,
+    "blank_text": BlankText,
+    "duplicate_choices": DuplicateChoices,
+    "choice_count": ChoiceCount,
+    "invalid_json": MalformedBody,
+    "invalid_body": MalformedBody,
+    "unsupported_media_type": UnsupportedMediaType,
+    "method_not_allowed": MethodNotAllowed,
+    "not_found": NotFoundError,
     "choices_required": ChoicesRequired,
     "choices_mismatch": ChoicesMismatch,
     "invalid_bundle_name": InvalidBundleName,
@@ -236,10 +324,21 @@ ERROR_CODES: dict[str, type[UqserveClientError]] = {
     "unknown_request": UnknownRequest,
     "duplicate": DuplicateFeedback,
     "queue_full": QueueFull,
+    "client_budget_exhausted": ClientBudgetExhausted,
+    "too_many_auth_failures": TooManyAuthFailures,
+    "request_too_costly": RequestTooCostly,
+    "missing_api_key": MissingApiKey,
+    "invalid_api_key": InvalidApiKey,
+    "client_closed_request": ClientClosedRequest,
     "internal_error": InternalServerError,
     "unavailable": Unavailable,
     "slots_exhausted": SlotsExhausted,
     "timeout": RequestTimeout,
+    "body_too_large": PayloadTooLarge,
+    "malformed_http": MalformedRequest,
+    "client_timeout": SlowRequest,
+    "too_many_connections": TooManyConnections,
+    "rate_limited": RateLimitError,  # the reverse proxy's per-address limit (deploy/nginx.conf)
 }
 
 # HTTP status → class, for errors without a known code (unrouted paths, proxies, newer servers)
