@@ -53,6 +53,11 @@ class Method(StrEnum):
     """MAP LoRA plus a Kronecker-factored Laplace posterior over its weights (Laplace-LoRA)."""
     MOE = "moe"
     """Mixture of LoRA experts with top-k routers (UQ4CT)."""
+    CHECKPOINT_ENSEMBLE = "checkpoint_ensemble"
+    """Members are snapshots of one training run (one seed, one data order); served as an ensemble."""
+    MC_DROPOUT = "mc_dropout"
+    """S fixed LoRA-dropout masks (tied across token positions) folded into copies of one MAP LoRA's A;
+    served as an ensemble, so a request always gets the same answer."""
 
 
 class _Model(BaseModel):

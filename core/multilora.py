@@ -118,6 +118,7 @@ class MultiLora(nn.Module):
         self.factor_map: dict[str, SlotFactors] = {}  # typed view of self.factors
         self._row_slots: torch.Tensor | None = None
         self._blocks: torch.Tensor | None = None
+        self._dropout = 0.0  # training only: dropout on the input of A (see rows)
         self._handles = []
         layers = decoder_layers(model)
         for layer in layout.layers:
@@ -134,7 +135,10 @@ class MultiLora(nn.Module):
         def add_delta(_module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
             if self._row_slots is None:
                 return output
-            delta = factors.delta(inputs[0], self._row_slots, self._blocks)
+            x = inputs[0]
+            if self._dropout > 0:  # peft's lora_dropout: independent per element (token and feature)
+                x = torch.nn.functional.dropout(x, self._dropout, training=True)
+            delta = factors.delta(x, self._row_slots, self._blocks)
             return output if delta is None else output + delta
 
         return add_delta
@@ -146,14 +150,17 @@ class MultiLora(nn.Module):
         self._handles.clear()
 
     @contextmanager
-    def rows(self, row_slots: torch.Tensor | None) -> Iterator[None]:
-        """Apply slot ``row_slots[i]`` ([R] long, -1 = base model) to row i of forwards inside the block."""
-        previous = self._row_slots, self._blocks
-        self._row_slots, self._blocks = row_slots, _equal_blocks(row_slots)
+    def rows(self, row_slots: torch.Tensor | None, dropout: float = 0.0) -> Iterator[None]:
+        """Apply slot ``row_slots[i]`` ([R] long, -1 = base model) to row i of forwards inside the block.
+
+        ``dropout`` > 0 (training only) drops the LoRA branch's input x before A, each element independently
+        with probability p and the rest scaled by 1 / (1 − p), as peft's ``lora_dropout``; W0 x is untouched."""
+        previous = self._row_slots, self._blocks, self._dropout
+        self._row_slots, self._blocks, self._dropout = row_slots, _equal_blocks(row_slots), dropout
         try:
             yield
         finally:
-            self._row_slots, self._blocks = previous
+            self._row_slots, self._blocks, self._dropout = previous
 
     def slot_parameters(self, slot: int) -> list[torch.Tensor]:
         """Views of one slot's A and B factors (for the L2 prior term)."""

@@ -8,6 +8,7 @@ Training caches the trunk's output for the whole training set; serving computes 
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from typing import Any
 
 import torch
@@ -82,6 +83,17 @@ class ChoiceScorer:
         ``row_question[i]``; returns [R, K]. Without it: hidden [B, T, D] are the packed rows themselves
         and the result is [Q, K] for all Q packed questions (rows holding several questions).
         """
+        steps = self.head_steps(hidden, batch, row_question)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value  # type: ignore[no-any-return]
+
+    def head_steps(self, hidden: torch.Tensor, batch: PackedBatch, row_question: torch.Tensor | None = None,
+                   tokens_per_step: int = 512) -> Generator[None, None, torch.Tensor]:
+        """:meth:`head` as a generator that yields after every ``tokens_per_step`` scored tokens (each costs a
+        vocabulary-wide log-softmax) and returns the scores; lets a scheduler stop between chunks."""
         if row_question is None:
             questions, source_rows = torch.arange(batch.num_questions, device=hidden.device), batch.question_row
         else:
@@ -100,9 +112,11 @@ class ChoiceScorer:
             mask = score_mask.reshape(-1)
             real_h, real_t = normed[mask], targets[mask]  # real (choice, token) pairs only
             parts = []
-            for lo in range(0, real_h.shape[0], 512):
-                logp = torch.log_softmax((real_h[lo : lo + 512] @ weight.T).float(), dim=-1)
-                parts.append(logp.gather(1, real_t[lo : lo + 512, None])[:, 0])
+            step = max(1, tokens_per_step)
+            for lo in range(0, real_h.shape[0], step):
+                logp = torch.log_softmax((real_h[lo : lo + step] @ weight.T).float(), dim=-1)
+                parts.append(logp.gather(1, real_t[lo : lo + step, None])[:, 0])
+                yield
             token_scores = torch.zeros(mask.shape[0], dtype=torch.float32, device=hidden.device)
             token_scores = token_scores.masked_scatter(mask, torch.cat(parts))
         return choice_scores(token_scores.reshape(n, k, ell), score_mask, batch.choice_mask[questions])

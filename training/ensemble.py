@@ -73,6 +73,7 @@ class EnsembleConfig(AdapterTrainingConfig):
     init_scale_a: float = Field(default=1.0, gt=0)  # multiplier on the bound of A's Kaiming-uniform init
     early_stopping: bool = False
     eval_every: int = 0  # steps between validation checks when early stopping (0 = once per epoch)
+    lora_dropout: float = Field(default=0.0, ge=0, lt=1)  # peft's lora_dropout on A's input, training only
 
     def layout(self, num_layers: int) -> LoraLayout:
         k = num_layers if self.top_layers <= 0 else min(self.top_layers, num_layers)
@@ -127,8 +128,15 @@ def prior_sq_norms(multilora: MultiLora, prior: PriorKind) -> torch.Tensor:
 
 
 def train_ensemble(scorer: ChoiceScorer, config: EnsembleConfig, train: Sequence[Question],
-                   val: Sequence[Question], log: Any = print) -> tuple[MultiLora, dict[str, Any]]:
-    """Train ``config.members`` LoRA members; returns the MultiLora (slot m = member m) and a training log."""
+                   val: Sequence[Question], log: Any = print,
+                   snapshot_steps: Sequence[int] = ()) -> tuple[MultiLora, dict[str, Any]]:
+    """Train ``config.members`` LoRA members; returns the MultiLora (slot m = member m) and a training log.
+
+    ``snapshot_steps`` (1-based optimizer step counts): after each of these steps every member's adapter is
+    copied into the log's ``snapshots`` (step → [peft tensors of member m], float32), the checkpoint
+    ensemble's members (:mod:`training.baselines`). Not with early stopping, which rewinds members."""
+    if snapshot_steps and config.early_stopping:
+        raise ValueError("snapshots are taken from one uninterrupted run: not with early stopping")
     if config.threads:
         torch.set_num_threads(config.threads)
     layout = config.layout(scorer.num_layers)
@@ -161,6 +169,10 @@ def train_ensemble(scorer: ChoiceScorer, config: EnsembleConfig, train: Sequence
     best_state = copy.deepcopy(multilora.state_dict()) if config.early_stopping else None
     eval_every = config.eval_every or steps_per_epoch
     labels_val = torch.tensor([q.answer for q in val])
+    wanted = set(snapshot_steps)
+    if wanted and not wanted <= set(range(1, total_steps + 1)):
+        raise ValueError(f"snapshot steps {sorted(wanted)} outside 1..{total_steps}")
+    snapshots: dict[int, list[dict[str, torch.Tensor]]] = {}
     bar = tqdm(range(total_steps), desc=f"train {config.members} member(s)", unit="step")
     for step in bar:
         groups: list[list[int]] = []
@@ -174,7 +186,7 @@ def train_ensemble(scorer: ChoiceScorer, config: EnsembleConfig, train: Sequence
             groups.append(group)
         hidden, packed, order, row_group = train_cache.packed_batch(groups, config.row_tokens)
         labels = train_cache.labels(order)
-        with multilora.rows(row_group):
+        with multilora.rows(row_group, dropout=config.lora_dropout):
             hidden = scorer.run_layers(hidden, packed, split, scorer.num_layers)
         scores = scorer.head(hidden, packed)  # [M·bs, K], member-major
         nll = torch.nn.functional.cross_entropy(scores, labels, reduction="none")
@@ -185,6 +197,9 @@ def train_ensemble(scorer: ChoiceScorer, config: EnsembleConfig, train: Sequence
         loss.backward()
         optimizer.step()
         scheduler.step()
+        if step + 1 in wanted:
+            snapshots[step + 1] = [{k: v.float().cpu() for k, v in multilora.peft_state_dict(m).items()}
+                                   for m in range(config.members)]
         bar.set_postfix(nll=f"{nll_per_member.mean().item():.3f}")
         if config.early_stopping and ((step + 1) % eval_every == 0 or step + 1 == total_steps):
             val_nll = nll_of_scores(member_scores(scorer, multilora, range(config.members), val_cache), labels_val)
@@ -204,4 +219,4 @@ def train_ensemble(scorer: ChoiceScorer, config: EnsembleConfig, train: Sequence
     seconds = time.perf_counter() - t0
     log(f"[train] {total_steps} steps × {config.members} member(s) in {seconds:.0f} s")
     return multilora, {"steps": total_steps, "seconds": round(seconds, 1), "history": history,
-                       "train_cache": train_cache, "val_cache": val_cache}
+                       "train_cache": train_cache, "val_cache": val_cache, "snapshots": snapshots}

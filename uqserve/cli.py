@@ -1,5 +1,5 @@
-"""``uqserve`` command: ``train {ensemble,laplace,uq4ct}``, ``eval``, ``calibrate``, ``serve``, ``log``, ``ask``,
-``keys``.
+"""``uqserve`` command: ``train {ensemble,laplace,uq4ct,checkpoint-ensemble,mc-dropout}``, ``eval``, ``report``,
+``calibrate``, ``serve``, ``log``, ``ask``, ``keys``.
 
 Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``;
 modules are imported only when their subcommand runs, so serving never imports training code.
@@ -15,9 +15,14 @@ _TRAIN = {
     "ensemble": ("training.ensemble_cli", "LoRA ensemble (M members; M=1 is the MAP baseline)"),
     "laplace": ("training.laplace_cli", "Laplace-LoRA: KFAC posterior over a MAP LoRA"),
     "uq4ct": ("training.uq4ct_cli", "UQ4CT: mixture of LoRA experts with a calibration loss"),
+    "checkpoint-ensemble": ("training.checkpoint_ensemble_cli",
+                            "checkpoint ensemble: K snapshots of one LoRA run as members (Laplace-LoRA's baseline)"),
+    "mc-dropout": ("training.mc_dropout_cli",
+                   "MC dropout: a LoRA trained with dropout, S fixed tied masks folded into members"),
 }
 _TOP = {
     "eval": ("training.eval_cli", "evaluate a bundle on a dataset split (metrics JSON + plots)"),
+    "report": ("training.report_cli", "compare bundles on the same questions (one HTML page, cached scores)"),
     "calibrate": ("training.calibrate_cli", "re-choose a bundle's served abstention rule on labelled questions"),
     "serve": ("service.cli", "run the HTTP service"),
     "log": ("service.predlog.export", "the prediction log: export answers and labels, upgrade, purge"),
@@ -57,6 +62,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
+    args._argv = list(argv)  # the exact command line, for subcommands that record it
     if getattr(args, "_missing", None):
         print(f"uqserve: this subcommand is unavailable ({args._missing}); install the matching extra",
               file=sys.stderr)

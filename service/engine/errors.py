@@ -114,3 +114,9 @@ class ClientGoneError(EngineError):
     """The client closed the connection before its answer was ready; its work was cancelled."""
 
     code = "client_closed_request"
+
+
+class EngineBusyError(QueueFullError):
+    """What is already admitted would keep this costly request past the request timeout: retry later (429)."""
+
+    code = "engine_busy"

@@ -140,16 +140,13 @@ class ForwardPlan:
         row_question = torch.repeat_interleave(torch.arange(len(group)),
                                                torch.tensor([item.rows for item in group])).to(device)
         row_slots = torch.tensor([s for item in group for s in item.row_slots], dtype=torch.long).to(device)
-        tokens = batch.input_ids.shape[1]
         hidden = scorer.model.model.embed_tokens(batch.input_ids)  # [B, T, D], no adapter below split
         yield from self._layers(hidden, batch, 0, split, None, None)
         rows = hidden[row_question]  # [R, T, D]
         yield from self._layers(rows, batch, split, scorer.num_layers, row_question, row_slots)
-        parts = []
-        for chunk in self._chunks(rows.shape[0], tokens):
-            parts.append(scorer.head(rows[chunk], batch, row_question[chunk]))  # [r, K]
-            yield
-        scores = torch.cat(parts).float().cpu()
+        # a scored token costs a vocabulary-wide log-softmax, ~8 times a token's pass through one layer
+        head_tokens = 512 if self.step_cost is None else max(16, self.step_cost // 8)
+        scores = (yield from scorer.head_steps(rows, batch, row_question, head_tokens)).float().cpu()  # [R, K]
         start = 0
         for i, item in zip(indices, group, strict=True):
             k = len(item.encoded.choice_ids)

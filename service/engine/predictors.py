@@ -103,6 +103,8 @@ PREDICTORS: dict[Method, type[Predictor]] = {
     Method.ENSEMBLE: EnsemblePredictor,
     Method.LAPLACE: LaplacePredictor,
     Method.MOE: MoePredictor,
+    Method.CHECKPOINT_ENSEMBLE: EnsemblePredictor,  # snapshots of one run: an ensemble of plain LoRAs
+    Method.MC_DROPOUT: EnsemblePredictor,  # fixed dropout masks folded into A: an ensemble of plain LoRAs
 }
 
 

@@ -19,7 +19,7 @@ from service.access import AuthBrake, KeyRing, hash_key, new_key, unless_disconn
 from service.app import create_app
 from service.engine.admission import Admission
 from service.engine.batcher import MicroBatcher
-from service.engine.errors import ClientBudgetError, ClientGoneError, RequestTooCostlyError
+from service.engine.errors import ClientBudgetError, ClientGoneError, EngineBusyError, RequestTooCostlyError
 from service.engine.forward import RowWork
 
 ADMIN = "admin-key-123"
@@ -143,7 +143,30 @@ def test_admission_budgets() -> None:
         with admission.admit("a", 50):  # within the budget
             pass
     assert not admission.in_flight and admission.throughput() is not None
-    assert admission.refused == {"request_too_costly": 1, "client_budget_exhausted": 1}
+    assert admission.refused == {"request_too_costly": 1, "client_budget_exhausted": 1, "engine_busy": 0}
+
+
+def test_costly_work_the_engine_cannot_finish_in_time_is_429_not_504() -> None:
+    """Throughput is measured on busy time; a costly request that would finish past the deadline behind what is
+    admitted gets EngineBusyError (short ones are still admitted), and idle time does not dilute the rate."""
+    admission = Admission(max_request_cost=10_000, max_client_cost=10_000, short_cost=50, deadline_s=1.0)
+    for _ in range(3):
+        with admission.admit("a", 1000):
+            time.sleep(0.1)  # ~10000 cost per busy second
+    time.sleep(0.3)  # idle: not counted
+    rate = admission.throughput()
+    assert rate is not None and 5000 < rate < 11000
+    with admission.admit("a", 5000):
+        with pytest.raises(EngineBusyError) as err, admission.admit("b", 4000):  # 5000 + 4000 at ~10000/s > 0.8 s
+            pass
+        assert err.value.retry_after_s >= 1
+        with admission.admit("b", 40):  # short: exempt
+            pass
+        with admission.admit("b", 2000):  # 7000 at ~10000/s < 0.8 s
+            pass
+    with admission.admit("b", 9000):  # alone: always admitted
+        pass
+    assert admission.refused["engine_busy"] == 1
 
 
 def test_key_ring_matches_by_hash_only() -> None:
@@ -265,3 +288,42 @@ def test_wrong_admin_keys_are_braked(engine_factory: Any, bundle_maker: Any, bun
         assert braked.json()["error"]["code"] == "too_many_auth_failures"
         assert other.get("/v1/bundles").status_code == 200
         assert other.delete("/v1/bundles/b", headers={"X-Admin-Key": ADMIN}).status_code == 200
+
+
+def test_flood_is_throttled_not_failed_and_small_questions_are_answered(engine_factory: Any, bundle_maker: Any,
+                                                                      bundle_root: Path, tiny_base: Any) -> None:
+    """One client floods costly batches from 4 threads while another asks small questions: the flood gets only
+    200s and 429s (with Retry-After), the small questions only 200s, nothing 5xx, and the forwards were stepped."""
+    keys = {name: new_key() for name in ("flood", "small")}
+    wide = {"question": "Which of these is the longest statement about the plants and the sun?",
+            "choices": [f"choice {k}: green plants use the light of the sun to make food" for k in range(12)]}
+    tokens = len(tiny_base.tokenizer(wide["question"] + " ".join(wide["choices"]))["input_ids"])
+    batch_cost = 6 * 3 * tokens  # six questions of 3 members, about
+    engine, app = _app(engine_factory, bundle_maker, bundle_root, max_request_cost=2 * batch_cost,
+                       max_client_cost=4 * batch_cost, step_cost=64, short_cost=200,
+                       api_keys=[f"{n}:{hash_key(k)}" for n, k in keys.items()])
+    statuses: dict[str, list[int]] = {"flood": [], "small": []}
+    stop = threading.Event()
+    with TestClient(app) as client:
+
+        def flood() -> None:
+            while not stop.is_set():
+                r = client.post("/v1/answer/batch", json={"bundle": "b", "questions": [wide] * 6},
+                                headers={"X-API-Key": keys["flood"]})
+                statuses["flood"].append(r.status_code)
+                if r.status_code == 429:
+                    assert int(r.headers["Retry-After"]) >= 1
+                    time.sleep(0.05)
+
+        threads = [threading.Thread(target=flood) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for _ in range(15):
+            r = client.post("/v1/answer", json={"bundle": "b", **SMALL}, headers={"X-API-Key": keys["small"]})
+            statuses["small"].append(r.status_code)
+        stop.set()
+        for thread in threads:
+            thread.join(60)
+    assert set(statuses["small"]) == {200}
+    assert set(statuses["flood"]) <= {200, 429} and 200 in statuses["flood"] and 429 in statuses["flood"]
+    assert engine.batcher.preemptions > 0

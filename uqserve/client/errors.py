@@ -41,6 +41,7 @@ Hierarchy (server code in brackets)::
     ├── RateLimitError                429 [rate_limited]: the reverse proxy's per-address limit
     │   ├── QueueFull                 [queue_full]        (``retry_after`` from the header)
     │   ├── ClientBudgetExhausted     [client_budget_exhausted] this client's unfinished work is at its budget
+    │   ├── EngineBusy                [engine_busy]       a costly request would not finish before the timeout
     │   └── TooManyAuthFailures       [too_many_auth_failures] too many wrong keys from this address
     └── ServerError                   5xx
         ├── InternalServerError       [internal_error] (500)
@@ -265,6 +266,10 @@ class ClientBudgetExhausted(RateLimitError):
     """This client's admitted, unfinished work is at the server's ``max_client_cost``; retried after Retry-After."""
 
 
+class EngineBusy(RateLimitError):
+    """The engine could not finish this costly request before its timeout behind what is admitted; retried."""
+
+
 class TooManyAuthFailures(RateLimitError):
     """Too many wrong keys from this address; even a right key waits ``retry_after`` seconds."""
 
@@ -325,6 +330,7 @@ ERROR_CODES: dict[str, type[UqserveClientError]] = {
     "duplicate": DuplicateFeedback,
     "queue_full": QueueFull,
     "client_budget_exhausted": ClientBudgetExhausted,
+    "engine_busy": EngineBusy,
     "too_many_auth_failures": TooManyAuthFailures,
     "request_too_costly": RequestTooCostly,
     "missing_api_key": MissingApiKey,
