@@ -12,8 +12,9 @@ layers, the default recipe's shape; no training needed), two client API keys ("p
 
 in two configurations, run side by side in one invocation:
 
-  before       UQSERVE_FAIR_SCHEDULING=false and both budgets unlimited: one FIFO queue, forwards run whole
-  after        the defaults
+  before       main as landed before admission control (``--before-ref``, unpacked with ``git archive``):
+               one FIFO queue, forwards run whole, no budgets (API keys are ignored there)
+  after        this checkout with its defaults
 
 It reports the prober's p50/p99 per phase, the ratio flood p99 / idle p99 per configuration (target: ≤ 2
 after), and what the flooder got (answered questions, 429s, 413s, 5xx). Results go to
@@ -54,11 +55,7 @@ KEYS = {"prober": "bench-prober-key", "flood": "bench-flood-key"}
 SMALL = {"question": "Which gas do plants absorb from the air for photosynthesis?",
          "choices": ["oxygen", "carbon dioxide", "nitrogen", "helium"]}
 FILLER = "the process by which green plants use sunlight to make their food from carbon dioxide and water in leaves"
-CONFIGS: dict[str, dict[str, str]] = {
-    "before": {"UQSERVE_FAIR_SCHEDULING": "false", "UQSERVE_MAX_REQUEST_COST": str(10**9),
-               "UQSERVE_MAX_CLIENT_COST": str(10**9)},
-    "after": {},
-}
+BEFORE_REF = "c401983"  # main as landed before admission control (issue 14)
 
 
 def flood_question(i: int) -> dict[str, Any]:
@@ -75,14 +72,14 @@ def percentile(values: list[float], q: float) -> float:
 class Server:
     """``python -m service`` in a subprocess on a free loopback port."""
 
-    def __init__(self, bundle_root: Path, state: Path, extra_env: dict[str, str], threads: int) -> None:
+    def __init__(self, tree: Path, bundle_root: Path, state: Path, threads: int) -> None:
         self.port = free_port()
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "UQSERVE_BUNDLE_ROOT": str(bundle_root),
+        env = {**os.environ, "PYTHONPATH": str(tree), "UQSERVE_BUNDLE_ROOT": str(bundle_root),
                "UQSERVE_PRELOAD_BUNDLES": "bench", "UQSERVE_STATE_DIR": str(state),
                "UQSERVE_TORCH_THREADS": str(threads),
-               "UQSERVE_API_KEYS": ",".join(f"{n}:{hash_key(k)}" for n, k in KEYS.items()), **extra_env}
+               "UQSERVE_API_KEYS": ",".join(f"{n}:{hash_key(k)}" for n, k in KEYS.items())}
         self.process = subprocess.Popen([sys.executable, "-m", "service", "--port", str(self.port),
-                                         "--log-level", "warning"], env=env, cwd=ROOT)
+                                         "--log-level", "warning"], env=env, cwd=tree)
         self.url = f"http://127.0.0.1:{self.port}"
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
@@ -199,11 +196,15 @@ def main() -> int:
     parser.add_argument("--flood-questions", type=int, default=None, help="questions per flood batch (default: "
                         "the most whose cost fits the default max_request_cost)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--before-ref", default=BEFORE_REF, help="the commit served as 'before' (default: main as "
+                        "landed before admission control); 'after' is this checkout")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     base = load_base_model("smollm2-135m", dtype=torch.float32)  # caches the de-quantized model for the servers
     results: dict[str, Any] = {"machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                                            "torch": torch.__version__}, "args": vars(args), "configs": {}}
+    results["after_commit"] = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                                             capture_output=True, text=True).stdout.strip()
     if args.flood_questions is None:  # as many as the default max_request_cost admits (rows × tokens each)
         budget, total, args.flood_questions = Settings.model_fields["max_request_cost"].default, 0, 0
         while True:
@@ -220,9 +221,12 @@ def main() -> int:
         root = Path(tmp) / "bundles"
         make_bundle(root, base, "bench", seed=1)
         del base
-        for config, env in CONFIGS.items():
+        before = Path(tmp) / "before"  # the landed code, as a user had it
+        before.mkdir()
+        subprocess.run(f"git -C '{ROOT}' archive {args.before_ref} | tar -x -C '{before}'", shell=True, check=True)
+        for config, tree in (("before", before), ("after", ROOT)):
             print(f"[overload] {config}: starting the server", flush=True)
-            server = Server(root, Path(tmp) / f"state-{config}", env, args.threads)
+            server = Server(tree, root, Path(tmp) / f"state-{config}", args.threads)
             try:
                 idle = asyncio.run(prober(server.url, args.idle_seconds))
                 print(f"[overload] {config} idle: p50 {idle['p50_s']:.3f} s, p99 {idle['p99_s']:.3f} s "
@@ -232,7 +236,7 @@ def main() -> int:
                 probe = flood["prober"]
                 print(f"[overload] {config} flood: p50 {probe['p50_s']:.3f} s, p99 {probe['p99_s']:.3f} s "
                       f"(n={probe['n']}, errors {probe['errors']}); flooder {flood['flood']}", flush=True)
-                example = asyncio.run(issue_example(server.url)) if config == "after" else None
+                example = asyncio.run(issue_example(server.url))
             finally:
                 server.stop()
             results["configs"][config] = {"idle": idle, "flood": flood, "issue_example": example,
@@ -245,9 +249,10 @@ def main() -> int:
         lines.append(f"| {config} | {idle['p50_s']:.3f} / {idle['p99_s']:.3f} | {probe['p50_s']:.3f} / "
                      f"{probe['p99_s']:.3f} | {r['p99_ratio']:.2f}× | {probe['errors'] or 'none'} | "
                      f"{flood['questions_per_s']:.2f} | {flood['statuses']} |")
-    example = results["configs"]["after"]["issue_example"]
-    lines.append(f"\nThe issue's request (64 × 26 choices of ~80 characters) after: HTTP {example['status']} "
-                 f"{example['code']} in {example['seconds']:.2f} s.")
+    for config, r in results["configs"].items():
+        example = r["issue_example"]
+        lines.append(f"\nThe issue's request (64 questions × 26 choices of ~80 characters), {config}: HTTP "
+                     f"{example['status']} {example['code'] or ''} in {example['seconds']:.2f} s.")
     text = "\n".join(lines)
     (OUT / "results.md").write_text(text + "\n")
     plot(results, OUT / "latency.png")

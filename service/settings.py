@@ -57,11 +57,12 @@ class Settings(BaseSettings):
 
     # admission and scheduling by cost: a question costs rows × tokens (prompt and, in cloze format, every
     # choice), a forward pays its rows × its longest question. A client is its API key, or its address.
-    max_request_cost: int = Field(default=16384, gt=0)  # over it: 413 request_too_costly (split the batch)
-    max_client_cost: int = Field(default=32768, gt=0)  # a client's admitted, unfinished cost; over it: 429
+    max_request_cost: int = Field(default=8192, gt=0)  # over it: 413 request_too_costly (split the batch)
+    max_client_cost: int = Field(default=16384, gt=0)  # a client's admitted, unfinished cost; over it: 429
     max_batch_cost: int = Field(default=8192, gt=0)  # padded cost of one forward (a costlier question runs alone)
     step_cost: int = Field(default=1024, gt=0)  # row-tokens per forward step: how long a short question can wait
     short_cost: int = Field(default=1024, ge=0)  # questions up to this cost run between a costly batch's steps
+    short_share: float = Field(default=0.5, gt=0, lt=1)  # … while they have used at most this share of busy time
     fair_scheduling: bool = True  # false: one FIFO queue, forwards run to completion (the old behaviour)
 
     # client access: optional API keys for /v1/answer*, /v1/feedback (admin endpoints keep UQSERVE_ADMIN_KEY).

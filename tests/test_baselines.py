@@ -24,6 +24,7 @@ from training.baselines import (
     snapshot_steps,
 )
 from training.ensemble import EnsembleConfig, train_ensemble
+from training.evaluate import bundle_prediction
 
 TINY = dict(rank=4, alpha=8.0, top_layers=2, epochs=6, batch_size=2, lr=2e-2, dtype="float32", row_tokens=64)
 P, SAMPLES, MASK_SEED = 0.3, 3, 5
@@ -171,5 +172,43 @@ def test_both_baselines_are_served_over_http_and_mc_members_match_the_naive_mask
                     expected = torch.softmax(naive[i, :k].double() / temperature, -1)
                     served = torch.tensor(_ask(client, "tiny-mcd", q)["members"][s], dtype=torch.float64)
                     torch.testing.assert_close(served, expected, atol=1e-5, rtol=0)
+            for name in ("tiny-ckpt", "tiny-mcd"):  # `uqserve eval` gives the served numbers
+                offline = bundle_prediction(tiny_base, read_bundle(root / name), tiny_questions).scores.probabilities
+                for i, q in enumerate(tiny_questions):
+                    served = torch.tensor(_ask(client, name, q)["probabilities"], dtype=torch.float64)
+                    torch.testing.assert_close(served, offline[i, : len(q.choices)], atol=1e-5, rtol=0)
     finally:
         engine.multilora.remove()
+
+
+def test_the_two_commands_write_served_bundles(tmp_path: Path) -> None:
+    import json
+    import random
+
+    from replicas import tiny_model_dir
+
+    from uqserve.cli import main
+
+    model_dir, _ = tiny_model_dir(tmp_path / "model")
+    rng = random.Random(0)
+    teams = ("billing", "login", "shipping")
+    rows = [{"text": f"ticket {i} on {teams[t]}", "team": teams[t]}
+            for i, t in enumerate(rng.randrange(3) for _ in range(40))]
+    train = tmp_path / "tickets.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = ["--train", str(train), "--question-column", "text", "--answer-column", "team", "--labels",
+              ",".join(teams), "--base-model", str(model_dir), "--epochs", "1", "--top-layers", "2", "--rank", "4",
+              "--dtype", "float32", "--out", str(tmp_path / "b"), "--min-coverage", "0.05",
+              "--conformal-alpha", "0.5"]  # the tiny calibration split supports alpha >= 1/(n + 1)
+    with one_torch_thread():
+        assert main(["train", "checkpoint-ensemble", *common, "--snapshots", "3", "--snapshot-from", "0.5",
+                     "--name", "ckpt"]) == 0
+        assert main(["train", "mc-dropout", *common, "--dropout", "0.2", "--samples", "3", "--mask-seed", "7",
+                     "--name", "mcd"]) == 0
+    ckpt = read_bundle(tmp_path / "b" / "ckpt").manifest
+    mcd = read_bundle(tmp_path / "b" / "mcd").manifest
+    assert ckpt.method == Method.CHECKPOINT_ENSEMBLE and len(ckpt.members) == 3
+    assert ckpt.method_config["snapshot_steps"][-1] == ckpt.method_config["total_steps"] == ckpt.training["steps"]
+    assert mcd.method == Method.MC_DROPOUT and len(mcd.members) == 3 and mcd.method_config["mask_seed"] == 7
+    for manifest in (ckpt, mcd):  # the held-out calibration split gave the guarantees, as for any bundle
+        assert manifest.calibration.conformal is not None and manifest.calibration.risk is not None

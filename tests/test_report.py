@@ -70,6 +70,8 @@ class _Page(HTMLParser):
             self.tables[-1].append([])
         elif tag in ("td", "th") and self._in_metrics:
             self._cell = []
+        elif tag == "br" and self._cell is not None:
+            self._cell.append("\n")
         elif tag == "img":
             self.images.append(a.get("src") or "")
         elif tag == "a":
@@ -145,7 +147,8 @@ def test_report_page_numbers_cache_and_limit(tiny_base, setup: dict[str, Any]) -
     for table, key in zip(page.tables, ("in", "shift"), strict=True):
         header, *rows = table
         assert header[1:] == [f"{label} {'↑' if hi else '↓'}" for _, label, hi in COLUMNS]
-        assert [r[0].split(" ")[0] for r in rows] == ["ens", "map"]  # the group, then the ungrouped bundle
+        assert [r[0].split()[0] for r in rows] == ["ens", "map"]  # the group, then the ungrouped bundle
+        assert "2 seeds: ens-s0, ens-s1" in rows[0][0]
         refs = {n: _reference(tiny_base, setup["paths"][n], setup["data"][key]) for n in ("ens-s0", "ens-s1", "map")}
         for row, members in zip(rows, (["ens-s0", "ens-s1"], ["map"]), strict=True):
             for text, (metric, _, _) in zip(row[1:], COLUMNS, strict=True):

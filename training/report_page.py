@@ -25,6 +25,7 @@ h3{margin-bottom:.3em}.sub{color:#5a6475;margin-top:0}
 table{border-collapse:collapse;margin:8px 0 4px;font-size:.85em}.wide{overflow-x:auto}
 th,td{border:1px solid #d9dee8;padding:4px 6px;text-align:right;white-space:nowrap}
 table.metrics th{white-space:normal;vertical-align:bottom;min-width:56px}
+table.metrics td.name{white-space:normal;max-width:190px}
 th{background:#f1f4f9;font-weight:600}td.name,th.name{text-align:left}
 tr:nth-child(even) td{background:#fafbfd}td.best{font-weight:700;color:#0b5d1e}
 .pm{color:#6b7385;font-size:.85em}.undef{color:#9aa1ae}
@@ -152,7 +153,7 @@ def _cost_html(costs: Mapping[str, Mapping[str, Any]]) -> str:
     rows = "".join(
         f'<tr><td class="name">{e(n)}</td><td>{c["questions"]}</td><td>{c["ms_per_question"]:.1f}</td>'
         f'<td>{c["questions_per_s"]:.2f}</td><td class="name">{e(c["measured_at"])}'
-        f'{" (cached)" if c.get("cached") else ""}</td></tr>' for n, c in costs.items())
+        f'{" (memoized)" if c.get("cached") else ""}</td></tr>' for n, c in costs.items())
     return (f"<p>Wall time of the offline served prediction (<code>bundle_prediction</code>: shared trunk, every "
             "member, predictive, including attaching the bundle's adapters once; no HTTP, no batching across "
             f"requests) on the first {first['questions']} "

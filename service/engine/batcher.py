@@ -8,10 +8,12 @@ layers pay; a batch pays its rows × its longest question, since rows are padded
   padded cost (always at least one question).
 - **Fair order.** Each client (an API key or an address) has its own FIFO queue; a flush takes one question
   from each client in turn, so a client that queued 64 questions does not push back another's one.
-- **Bounded steps, short questions first.** The forward runs on the engine's single worker thread as a
-  :class:`~service.engine.forward.ForwardPlan` of steps of about ``step_cost`` row-tokens. Between the
-  steps of a costly batch, questions waiting with a cost of at most ``short_cost`` run to completion
-  first: a small question waits for one step of a maximal batch, not for the whole batch.
+- **Bounded steps, short questions first, within a share.** The forward runs on the engine's single worker
+  thread as a :class:`~service.engine.forward.ForwardPlan` of steps of about ``step_cost`` row-tokens.
+  Between the steps of a costly batch, questions waiting with a cost of at most ``short_cost`` run to
+  completion first: a small question waits for one step of a maximal batch, not for the whole batch. Short
+  questions jump ahead only while they have used at most ``short_share`` of the busy time (and batches
+  never mix short and costly questions), so admitted costly work still finishes in time.
 - **Cancellation.** A request that is cancelled (timed out, client gone) leaves the queue; a running batch
   whose every request is cancelled stops at its next step.
 - **Isolation.** If a shared forward raises, each request in it is retried alone, so one bad request fails
@@ -85,7 +87,7 @@ class MicroBatcher:
     def __init__(self, forward: ForwardFn, executor: ThreadPoolExecutor, *, max_batch_rows: int,
                  max_wait_s: float, max_queue_rows: int, observer: EngineObserver | None = None,
                  max_batch_cost: int | None = None, step_cost: int | None = None, short_cost: int = 0,
-                 fair: bool = True) -> None:
+                 short_share: float = 0.5, fair: bool = True) -> None:
         self.forward = forward
         self.executor = executor
         self.max_batch_rows = max_batch_rows
@@ -103,6 +105,9 @@ class MicroBatcher:
         self._closing = False
         self._last_forward_s = 0.05
         self.preemptions = 0  # short batches run between the steps of a costly one
+        self.short_share = short_share
+        self._short_s = 0.0  # busy time spent on short questions since the queue was last empty
+        self._costly_s = 0.0  # … and on costly ones
 
     @property
     def queued_rows(self) -> int:
@@ -161,9 +166,28 @@ class MicroBatcher:
     def _oldest(self) -> float:
         return min(queue[0].enqueued for queue in self._queues.values())
 
-    def _take(self, short_only: bool = False) -> list[_Unit]:
+    def _short(self, unit: _Unit) -> bool:
+        return unit.cost <= self.short_cost
+
+    def _kind(self) -> bool | None:
+        """Which questions the next flush takes: short ones (True), costly ones (False), or any (None: no short
+        class). Short questions go first while they have used at most ``short_share`` of the busy time, so a
+        stream of small questions cannot starve costly work that was admitted (it would time out)."""
+        if not self.short_cost:
+            return None
+        heads = [queue[0] for queue in self._queues.values() if queue]
+        has_short = any(self._short(u) for u in heads)
+        if not has_short or all(self._short(u) for u in heads):
+            return has_short
+        return self._short_may_run()
+
+    def _short_may_run(self) -> bool:
+        return self._short_s * (1 - self.short_share) <= self._costly_s * self.short_share
+
+    def _take(self, short_only: bool | None = None) -> list[_Unit]:
         """Whole questions for one forward: one per client in turn (FIFO within a client), within the row and
-        padded-cost caps; ``short_only`` takes only questions of cost ≤ ``short_cost``."""
+        padded-cost caps; ``short_only`` True takes only questions of cost ≤ ``short_cost``, False only costlier
+        ones, None any."""
         units: list[_Unit] = []
         rows = 0
         progress = True
@@ -177,7 +201,7 @@ class MicroBatcher:
                     del self._queues[client]
                     continue
                 unit = queue[0]
-                if short_only and unit.cost > self.short_cost:
+                if short_only is not None and self._short(unit) != short_only:
                     continue
                 if units and (rows + unit.work.rows > self.max_batch_rows or (
                         self.max_batch_cost is not None and padded_cost([*units, unit]) > self.max_batch_cost)):
@@ -210,9 +234,11 @@ class MicroBatcher:
                     await asyncio.wait_for(self._wakeup.wait(), remaining)
                 except TimeoutError:
                     break
-            units = self._take()
+            units = self._take(self._kind())
             if units:
                 await self._run(units)
+            if not self._queues:  # idle again: the time shares start afresh
+                self._short_s = self._costly_s = 0.0
 
     async def _run(self, units: list[_Unit], preemptible: bool = True) -> None:
         start = time.perf_counter()
@@ -247,15 +273,31 @@ class MicroBatcher:
         plan_of = getattr(self.forward, "plan", None)
         costly = padded_cost(units) > self.short_cost
         if plan_of is None or self.step_cost is None or not costly:
-            return await self.run_in_worker(self.forward, works)
+            started = time.perf_counter()
+            whole: list[torch.Tensor] = await self.run_in_worker(self.forward, works)
+            if preemptible:  # a nested short batch is counted by the costly batch that let it in
+                short = self.short_cost > 0 and all(self._short(u) for u in units)
+                elapsed = time.perf_counter() - started
+                if short:
+                    self._short_s += elapsed
+                else:
+                    self._costly_s += elapsed
+            return whole
         plan = plan_of(works, self.step_cost)
-        while not await self.run_in_worker(plan.step):
+        while True:
+            started = time.perf_counter()
+            done = await self.run_in_worker(plan.step)
+            self._costly_s += time.perf_counter() - started
+            if done:
+                break
             if all(u.job.future.done() for u in units):
                 return None
-            if preemptible and self.short_cost and self._queues:
+            if preemptible and self.short_cost and self._queues and self._short_may_run():
                 short = self._take(short_only=True)
                 if short:
                     self.preemptions += 1
+                    started = time.perf_counter()
                     await self._run(short, preemptible=False)
+                    self._short_s += time.perf_counter() - started
         result: list[torch.Tensor] = plan.result()
         return result

@@ -49,6 +49,7 @@ class UQEngine(ServingEngine):
                                     max_wait_s=settings.max_wait_ms / 1000,
                                     max_queue_rows=settings.max_queue_rows, max_batch_cost=settings.max_batch_cost,
                                     step_cost=settings.step_cost, short_cost=settings.short_cost,
+                                    short_share=settings.short_share,
                                     fair=settings.fair_scheduling)
         self._fill_lock = threading.Lock()
 

@@ -113,6 +113,38 @@ def test_short_question_runs_between_steps_of_a_costly_batch() -> None:
     assert short_done < 0.5 * costly_done
 
 
+def test_a_stream_of_short_questions_does_not_starve_costly_work() -> None:
+    """A closed loop of short questions (one at a time, back to back) takes at most short_share of the busy time
+    while a costly batch runs: the costly batch finishes in about 1 / (1 - share) of its time alone."""
+
+    async def main(share: float) -> tuple[float, int]:
+        forward = SteppedForward(step_s=0.004)
+        b = batcher(forward, short_share=share)
+        await b.start()
+        stop = asyncio.Event()
+        shorts = 0
+
+        async def stream() -> None:
+            nonlocal shorts
+            while not stop.is_set():
+                await b.submit([work(rows=5, tokens=4, tag=2)], "small")
+                shorts += 1
+
+        streaming = asyncio.create_task(stream())
+        await asyncio.sleep(0.05)
+        start = time.perf_counter()
+        await b.submit([work(rows=1, tokens=200, tag=1)], "flood")  # 200 steps: ~0.8 s alone
+        elapsed = time.perf_counter() - start
+        stop.set()
+        await streaming
+        await b.stop()
+        return elapsed, shorts
+
+    elapsed, shorts = asyncio.run(main(share=0.5))
+    assert shorts > 20  # the short questions were served meanwhile
+    assert elapsed < 3 * 200 * 0.004  # ~2x its time alone (share 0.5), far from starved
+
+
 def test_cancelled_request_stops_its_running_batch() -> None:
     """A request that times out mid-forward stops at the next step: its remaining steps never run."""
 
