@@ -62,7 +62,7 @@ class Settings(BaseSettings):
     max_batch_cost: int = Field(default=8192, gt=0)  # padded cost of one forward (a costlier question runs alone)
     step_cost: int = Field(default=1024, gt=0)  # row-tokens per forward step: how long a short question can wait
     short_cost: int = Field(default=1024, ge=0)  # questions up to this cost run between a costly batch's steps
-    short_share: float = Field(default=0.5, gt=0, lt=1)  # … while they have used at most this share of busy time
+    short_share: float = Field(default=0.6, gt=0, lt=1)  # … while they have used at most this share of busy time
     fair_scheduling: bool = True  # false: one FIFO queue, forwards run to completion (the old behaviour)
 
     # client access: optional API keys for /v1/answer*, /v1/feedback (admin endpoints keep UQSERVE_ADMIN_KEY).

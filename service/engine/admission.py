@@ -9,10 +9,11 @@ admitted (after it is encoded, before anything is queued):
 - **per client** ``max_client_cost``: the cost a client (API key or address) may have admitted and not yet
   finished; over it, 429 ``client_budget_exhausted``. A client with nothing in flight is always admitted
   (``max_request_cost ≤ max_client_cost``), so throttling never starves anyone;
-- **the engine's own deadline**: a costly request (over ``short_cost``) that the engine could not finish
-  within ``deadline_s`` behind what is already admitted, at its measured throughput, gets 429
-  ``engine_busy`` instead of a 504 thirty seconds later. Short questions are exempt: the scheduler runs them
-  between the steps of costly batches.
+- **the engine's own deadline**: a costly request (over ``short_cost``) is admitted alone, or when the costly
+  work already admitted plus itself would finish within ``deadline_s`` at the share of the measured
+  throughput that costly work is sure of (``1 − short_share``: short questions may take the rest); otherwise
+  429 ``engine_busy`` now instead of a 504 thirty seconds later. Short questions are exempt: the scheduler
+  runs them between the steps of costly batches.
 
 Throughput is cost finished per second of *busy* time (time with anything admitted), over the last
 ``THROUGHPUT_REQUESTS`` finished requests, so idle periods do not dilute it. Retry-After is the time the
@@ -38,13 +39,15 @@ class Admission:
     """Per-client and engine-wide cost accounting for one engine (event-loop thread only)."""
 
     def __init__(self, max_request_cost: int, max_client_cost: int, *, short_cost: int = 0,
-                 deadline_s: float | None = None) -> None:
+                 short_share: float = 0.0, deadline_s: float | None = None) -> None:
         self.max_request_cost = max_request_cost
         self.max_client_cost = max_client_cost
         self.short_cost = short_cost
+        self.short_share = short_share
         self.deadline_s = deadline_s
         self.in_flight: defaultdict[str, int] = defaultdict(int)
         self.total = 0
+        self.costly_total = 0  # admitted, unfinished cost of requests over short_cost
         self._busy_s = 0.0  # busy time before the current busy period
         self._busy_since: float | None = None
         self._finished: deque[tuple[float, int]] = deque(maxlen=THROUGHPUT_REQUESTS)  # (busy clock, cost)
@@ -82,13 +85,13 @@ class Admission:
                                     f"{cost} that is over max_client_cost {self.max_client_cost}",
                                     retry_after_s=self.retry_after(client))
         rate = self.throughput()
-        if self.deadline_s is not None and rate is not None and self.total and cost > self.short_cost:
-            eta = (self.total + cost) / rate
+        if self.deadline_s is not None and rate is not None and self.costly_total and cost > self.short_cost:
+            eta = (self.costly_total + cost) / (rate * (1 - self.short_share))
             if eta > DEADLINE_SHARE * self.deadline_s:
                 self.refused["engine_busy"] += 1
-                raise EngineBusyError(f"the engine has {self.total} cost ahead; this request's {cost} would finish "
-                                      f"in ~{eta:.0f} s, past the {self.deadline_s:g} s request timeout",
-                                      retry_after_s=self._seconds_for(self.total))
+                raise EngineBusyError(f"the engine has {self.costly_total} costly work ahead; this request's {cost} "
+                                      f"would finish in ~{eta:.0f} s, past the {self.deadline_s:g} s request timeout",
+                                      retry_after_s=self._seconds_for(self.costly_total))
 
     @contextmanager
     def admit(self, client: str, cost: int) -> Iterator[None]:
@@ -96,8 +99,10 @@ class Admission:
         self._check(client, cost)
         if not self.total:
             self._busy_since = time.monotonic()
+        costly = cost if cost > self.short_cost else 0
         self.in_flight[client] += cost
         self.total += cost
+        self.costly_total += costly
         finished = False
         try:
             yield
@@ -107,6 +112,7 @@ class Admission:
             if not self.in_flight[client]:
                 del self.in_flight[client]
             self.total -= cost
+            self.costly_total -= costly
             if finished:
                 self._finished.append((self._busy_clock(), cost))
             if not self.total and self._busy_since is not None:

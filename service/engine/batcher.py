@@ -276,9 +276,9 @@ class MicroBatcher:
             started = time.perf_counter()
             whole: list[torch.Tensor] = await self.run_in_worker(self.forward, works)
             if preemptible:  # a nested short batch is counted by the costly batch that let it in
-                short = self.short_cost > 0 and all(self._short(u) for u in units)
+                all_short = self.short_cost > 0 and all(self._short(u) for u in units)
                 elapsed = time.perf_counter() - started
-                if short:
+                if all_short:
                     self._short_s += elapsed
                 else:
                     self._costly_s += elapsed

@@ -92,7 +92,8 @@ class ServingEngine(Engine):
         self.watch = GuaranteeWatch(settings.feedback_window, settings.guarantee_alarm_level)
         self.store = open_store(settings)
         self.admission = Admission(settings.max_request_cost, settings.max_client_cost,
-                                   short_cost=settings.short_cost, deadline_s=settings.request_timeout_s)
+                                   short_cost=settings.short_cost, short_share=settings.short_share,
+                                   deadline_s=settings.request_timeout_s)
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._accepting = False
         self._in_flight = 0  # answer and feedback calls between entry and return

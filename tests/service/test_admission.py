@@ -196,9 +196,16 @@ def test_costly_work_the_engine_cannot_finish_in_time_is_429_not_504() -> None:
             pass
         with admission.admit("b", 2000):  # 7000 at ~10000/s < 0.8 s
             pass
-    with admission.admit("b", 9000):  # alone: always admitted
+    with admission.admit("s", 40), admission.admit("b", 9000):  # alone among costly work: always admitted
         pass
     assert admission.refused["engine_busy"] == 1
+    shared = Admission(max_request_cost=10_000, max_client_cost=10_000, short_cost=50, short_share=0.5,
+                       deadline_s=1.0)  # costly work is sure of half the throughput only
+    for _ in range(3):
+        with shared.admit("a", 1000):
+            time.sleep(0.1)
+    with shared.admit("a", 5000), pytest.raises(EngineBusyError), shared.admit("b", 2000):  # 7000 at ~5000/s
+        pass
 
 
 def test_key_ring_matches_by_hash_only() -> None:
