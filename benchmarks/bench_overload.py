@@ -178,6 +178,10 @@ def plot(results: dict[str, Any], path: Path) -> None:
             if lat:
                 ax.plot([1000 * x for x in lat], [(i + 1) / len(lat) for i in range(len(lat))], style,
                         label=f"{config}: {phase}")
+    notes = [f"{config}: flood: {phases['flood']['prober']['n']} answered, errors {phases['flood']['prober']['errors']}"
+             for config, phases in results["configs"].items() if phases["flood"]["prober"]["errors"]]
+    if notes:  # questions that never got an answer have no latency to draw
+        ax.text(0.02, 0.97, "\n".join(notes), transform=ax.transAxes, va="top", fontsize=8, color="tab:red")
     ax.set_xscale("log")
     ax.set_xlabel("small-question latency (ms, log scale)")
     ax.set_ylabel("fraction of questions")
@@ -198,8 +202,12 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--before-ref", default=BEFORE_REF, help="the commit served as 'before' (default: main as "
                         "landed before admission control); 'after' is this checkout")
+    parser.add_argument("--plot-only", action="store_true", help="redraw the plot from the saved results.json")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
+    if args.plot_only:
+        plot(json.loads((OUT / "results.json").read_text()), OUT / "latency.png")
+        return 0
     base = load_base_model("smollm2-135m", dtype=torch.float32)  # caches the de-quantized model for the servers
     results: dict[str, Any] = {"machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                                            "torch": torch.__version__}, "args": vars(args), "configs": {}}

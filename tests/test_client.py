@@ -6,7 +6,6 @@ import asyncio
 import json
 import re
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,6 +21,7 @@ from service.app import create_app
 from service.engine import errors as E
 from service.engine.types import AnswerOptions, AnswerResult
 from service.settings import Settings
+from tests.live_uvicorn import serving
 from tests.service.test_api_contract import ADMIN, FakeEngine, _status
 from uqserve import cli
 from uqserve.client import (
@@ -105,18 +105,11 @@ def live_server(engine: FakeEngine, root: Path, **settings: Any) -> Iterator[str
     app = create_app(Settings(_env_file=None, **values), engine=engine)  # type: ignore[call-arg]
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
     try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+        with serving(config, sock, start_timeout_s=10, stop_timeout_s=10):
+            yield f"http://127.0.0.1:{sock.getsockname()[1]}"
     finally:
-        server.should_exit = True
-        thread.join(10)
         sock.close()
 
 

@@ -10,13 +10,10 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import uvicorn
 from components import free_port
 from fastapi.testclient import TestClient
 
@@ -24,6 +21,7 @@ from service.app import create_app
 from service.docs import asset_dir
 from service.server import server_config
 from service.settings import Settings
+from tests.live_uvicorn import serving
 from tests.service.test_api_contract import FakeEngine
 
 CONTENT_TYPES = {".js": "text/javascript", ".css": "text/css", ".png": "image/png"}
@@ -76,19 +74,9 @@ def test_swagger_ui_oauth2_redirect_and_no_cdn_defaults(client: TestClient) -> N
 def live_url() -> Iterator[str]:
     port = free_port()
     app = create_app(settings(host="127.0.0.1", port=port), engine=FakeEngine())
-    server = uvicorn.Server(server_config(app, settings(host="127.0.0.1", port=port), log_level="warning",
-                                          access_log=False))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    try:
+    config = server_config(app, settings(host="127.0.0.1", port=port), log_level="warning", access_log=False)
+    with serving(config):
         yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(15)
 
 
 def chromium(profile: Path, *args: str) -> str:
