@@ -2,7 +2,7 @@
 # The first cells of the seeds' grid (issue 13) on this 2-core CPU's budget, one seed, the calibrated default
 # recipe shortened: 400 training questions, 1 epoch, 200 validation questions (half held out as the calibration
 # split); each dataset's report evaluates the first 200 test questions in distribution and under shift.
-#   bash benchmarks/report_runs/small_grid.sh [DATA_DIR] [DATASET...]     (from the repository root)
+#   bash benchmarks/report_runs/small_grid.sh [DATA_DIR] [DATASET...]     (from the repository root; default arc_easy openbookqa)
 # Bundles go to runs/report/bundles (ignored), scores to runs/report/cache, pages to benchmarks/results/report/.
 set -euo pipefail
 DATA=${1:-../shared/data}
