@@ -112,8 +112,9 @@ def client_address(request: Request) -> str:
     return request.client.host if request.client is not None else "unknown"
 
 
-_bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <key>")
-_client_header = APIKeyHeader(name="X-API-Key", auto_error=False,
+# named apart from the admin schemes (service/routes.py): one OpenAPI components entry each
+_bearer = HTTPBearer(auto_error=False, scheme_name="ClientBearer", description="Authorization: Bearer <client key>")
+_client_header = APIKeyHeader(name="X-API-Key", auto_error=False, scheme_name="ClientKeyHeader",
                               description="X-API-Key: <client key> (only when the server has UQSERVE_API_KEYS)")
 BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 

@@ -60,8 +60,10 @@ def get_metrics(request: Request) -> ServiceMetrics:
 EngineDep = Annotated[Engine, Depends(get_engine)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[ServiceMetrics, Depends(get_metrics)]
-_bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <UQSERVE_ADMIN_KEY>")
-_header = APIKeyHeader(name="X-Admin-Key", auto_error=False, description="X-Admin-Key: <UQSERVE_ADMIN_KEY>")
+_bearer = HTTPBearer(auto_error=False, scheme_name="AdminBearer",
+                     description="Authorization: Bearer <UQSERVE_ADMIN_KEY>")
+_header = APIKeyHeader(name="X-Admin-Key", auto_error=False, scheme_name="AdminKeyHeader",
+                       description="X-Admin-Key: <UQSERVE_ADMIN_KEY>")
 
 
 def require_admin(request: Request, settings: SettingsDep,
