@@ -20,7 +20,7 @@ from core.answers import Question
 from core.bundle import read_bundle
 from core.metrics import accuracy, accuracy_at_coverage, aurc, auroc, brier, ece, nll
 from tests.service.conftest import make_bundle
-from training.evaluate import bundle_prediction
+from training.evaluate import bundle_member_scores, bundle_prediction
 from training.report import COLUMNS
 from uqserve.cli import main
 
@@ -141,7 +141,7 @@ def test_report_page_numbers_cache_and_limit(tiny_base, setup: dict[str, Any]) -
     assert page.images and all((out / src).is_file() and (out / src).stat().st_size > 1000 for src in page.images)
     assert all(not src.startswith(("/", "file:")) for src in page.images)
     assert all(link.startswith("#") for link in page.links)
-    assert any(src.startswith("mi-ens-s0") for src in page.images) and not any("mi-map" in s for s in page.images)
+    assert any(src.startswith("mi-ens-") for src in page.images) and not any("mi-map" in s for s in page.images)
 
     assert len(page.tables) == 2  # in-distribution and shift
     for table, key in zip(page.tables, ("in", "shift"), strict=True):
@@ -176,6 +176,34 @@ def test_report_page_numbers_cache_and_limit(tiny_base, setup: dict[str, Any]) -
     assert calls == [3] * 6
     limited = (out / "index.html").read_text()
     assert limited.count("N = 3") == 2 and "--no-timing" in limited
+
+
+def test_uncalibrated_row_and_json(tiny_base, setup: dict[str, Any]) -> None:
+    """``--uncalibrated map`` adds ``map@T1``: the same member scores through a softmax at temperature 1 (a
+    naive reference from the member logits), cached apart from the calibrated bundle; report.json holds the
+    rows the page shows."""
+    out = setup["out"]
+    assert main([*setup["argv"], "--uncalibrated", "map", "--no-timing"]) == 0
+    doc = json.loads((out / "report.json").read_text())
+    assert [d["shift"] for d in doc["datasets"]] == [False, True]
+    assert [c["key"] for c in doc["columns"]] == [k for k, _, _ in COLUMNS]
+    for d, key in zip(doc["datasets"], ("in", "shift"), strict=True):
+        rows = {r["name"]: r for r in d["rows"]}
+        assert list(rows) == ["ens", "map", "map@T1"] and rows["ens"]["bundles"] == ["ens-s0", "ens-s1"]
+        questions = setup["data"][key]
+        bundle = read_bundle(setup["paths"]["map"], expect_base=tiny_base.info)
+        logits = bundle_member_scores(tiny_base, bundle, questions)[:, 0].double()  # [N, K], one member
+        labels = torch.tensor([q.answer for q in questions])
+        raw_nll = float(-torch.log_softmax(logits, -1)[torch.arange(len(labels)), labels].mean())
+        scaled_nll = float(-torch.log_softmax(logits / 1.5, -1)[torch.arange(len(labels)), labels].mean())
+        assert abs(rows["map@T1"]["mean"]["nll"] - raw_nll) < 1e-4
+        assert abs(rows["map"]["mean"]["nll"] - scaled_nll) < 1e-4 and abs(raw_nll - scaled_nll) > 1e-3
+        assert rows["map@T1"]["std"]["nll"] is None and "auroc_mi" in rows["map@T1"]["undefined"]
+        assert rows["ens"]["std"]["acc"] is not None
+    page = (out / "index.html").read_text()
+    assert "map@T1" in page and "@T1</code> is that bundle" in page
+    with pytest.raises(SystemExit, match="matches 0"):
+        main([*setup["argv"], "--uncalibrated", "nope", "--no-timing"])
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not on PATH (no headless screenshot)")

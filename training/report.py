@@ -171,6 +171,15 @@ def bundle_identity(bundle: Bundle, base: BaseModel) -> dict[str, str]:
             "base_model": base.info.model_id, "base_weight_hash": base.info.weight_hash}
 
 
+def at_temperature_one(bundle: Bundle) -> Bundle:
+    """The bundle served without temperature scaling (calibration temperature 1), named ``<name>@T1``: the
+    uncalibrated baseline next to the calibrated bundle (its calibration hash, hence its cache key, differs)."""
+    m = bundle.manifest
+    manifest = m.model_copy(update={"name": f"{m.name}@T1",
+                                    "calibration": m.calibration.model_copy(update={"temperature": 1.0})})
+    return Bundle(bundle.path, manifest, bundle.members, bundle.artifacts)
+
+
 def cache_key(identity: dict[str, str], questions_hash: str) -> str:
     blob = json.dumps({**identity, "data_hash": questions_hash, "format": CACHE_FORMAT}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]

@@ -27,13 +27,14 @@ from training.data_cli import add_column_arguments, read_file, token_counter
 from training.report import (
     CachedScores,
     ReportDataset,
+    at_temperature_one,
     bundle_identity,
     parse_groups,
     scores_for,
     serving_cost,
     table_rows,
 )
-from training.report_page import DatasetSection, write_page, write_plots
+from training.report_page import DatasetSection, write_json, write_page, write_plots
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base-model", default="smollm2-135m")
     parser.add_argument("--group", action="append", default=[], metavar="NAME=B1,B2,...",
                         help="a seed group shown as one row, mean ± std (repeatable); bundles by folder or name")
+    parser.add_argument("--uncalibrated", action="append", default=[], metavar="BUNDLE",
+                        help="also show this bundle at temperature 1 (no temperature scaling) as <name>@T1; "
+                             "repeatable, named like --group members")
     parser.add_argument("--out", default="runs/report", help="output folder (index.html and PNGs)")
     parser.add_argument("--cache-dir", default=None, help="score cache (default: <out>/cache)")
     parser.add_argument("--timing-questions", type=int, default=16,
@@ -109,6 +113,15 @@ def run(args: argparse.Namespace) -> int:
         if name in bundles:
             raise SystemExit(f"bundle {path} is given twice")
         bundles[name] = (path, bundle)
+    variants: set[str] = set()  # named only by their own name (their path is the original bundle's)
+    for alias in args.uncalibrated:
+        hits = [n for n, (p, b) in bundles.items() if alias in _aliases(p, b) | {n}]
+        if len(hits) != 1:
+            raise SystemExit(f"--uncalibrated {alias!r} matches {len(hits)} of the bundles {sorted(bundles)}")
+        path, bundle = bundles[hits[0]]
+        raw = at_temperature_one(bundle)
+        bundles[raw.manifest.name] = (path, raw)
+        variants.add(raw.manifest.name)
     space = next(iter(bundles.values()))[1].manifest.answer_space
     datasets = [load_dataset(args.dataset, args, base, space, shift=False)]
     datasets += [load_dataset(spec, args, base, space, shift=True) for spec in args.shift]
@@ -126,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
         scores, cached = scores_for(base, bundles[name][1], identities[name], d, cache_dir)
         results[d.title][name] = scores
         reused += cached
-    aliases = {n: _aliases(p, b) | {n} for n, (p, b) in bundles.items()}
+    aliases = {n: {n} if n in variants else _aliases(p, b) | {n} for n, (p, b) in bundles.items()}
     try:
         sections = [DatasetSection(d, table_rows(results[d.title], aliases, groups), results[d.title])
                     for d in datasets]
@@ -150,6 +163,7 @@ def run(args: argparse.Namespace) -> int:
                     for n, (p, b) in bundles.items()],
         "datasets": [(d.title + (" (shift)" if d.shift else ""), d.hash, len(d.questions)) for d in datasets],
     }
+    write_json(out, sections, costs, lineage)
     page = write_page(out, sections, costs, lineage)
     print(f"[report] {page} ({len(jobs) - reused} of {len(jobs)} bundle × dataset runs computed, {reused} from the "
           f"cache {cache_dir})", flush=True)

@@ -7,6 +7,7 @@ An undefined metric is shown as "—" with a numbered note giving the reason (as
 from __future__ import annotations
 
 import html
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -47,6 +48,11 @@ class DatasetSection:
     scores: dict[str, CachedScores]
     images: list[tuple[str, str]] = field(default_factory=list)  # (file name, caption)
 
+    def plotted(self) -> dict[str, CachedScores]:
+        """Row name → scores of the row's first bundle (a seed group is drawn by its first seed, so the plots
+        stay readable with many seeds; the table holds every seed)."""
+        return {row.name: self.scores[row.bundles[0]] for row in self.rows}
+
 
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in text)
@@ -74,16 +80,17 @@ def write_plots(section: DatasetSection, out: Path) -> None:
     MI-vs-entropy histogram per bundle that defines MI; appended to ``section.images``."""
     title, slug = section.dataset.title, _slug(section.dataset.name)
     name = f"reliability-{slug}.png"
-    reliability_overlay(section.scores, out / name, f"reliability — {title}")
+    shown = section.plotted()
+    reliability_overlay(shown, out / name, f"reliability — {title}")
     section.images.append((name, "reliability (all bundles)"))
     curves = {}
-    for bundle, s in section.scores.items():
+    for bundle, s in shown.items():
         coverage, risk = risk_coverage(s.predictive_entropy, s.correct)
         curves[bundle] = (coverage, 1 - risk)
     name = f"coverage-{slug}.png"
     accuracy_coverage_curve(curves, out / name, f"accuracy–coverage by entropy — {title}")
     section.images.append((name, "accuracy–coverage, abstaining on highest predictive entropy first"))
-    for bundle, s in section.scores.items():
+    for bundle, s in shown.items():
         if not s.has_mi:
             continue
         name = f"mi-{_slug(bundle)}-{slug}.png"
@@ -189,6 +196,24 @@ def _lineage_html(lineage: Mapping[str, Any]) -> str:
             f'<h3>Questions</h3><table class="kv"><tr><th>dataset</th><th>data hash</th><th>N</th></tr>{data}</table>')
 
 
+def write_json(out: Path, sections: Sequence[DatasetSection], costs: Mapping[str, Mapping[str, Any]],
+               lineage: Mapping[str, Any]) -> Path:
+    """``out/report.json``: every table row (mean, std over seeds, undefined metrics with their reason) of
+    every dataset, the serving costs and the lineage; what the page shows, for scripts."""
+    doc = {
+        "columns": [{"key": k, "label": label, "higher_is_better": hi} for k, label, hi in COLUMNS],
+        "datasets": [{"name": s.dataset.name, "split": s.dataset.split, "shift": s.dataset.shift,
+                      "questions": len(s.dataset.questions), "data_hash": s.dataset.hash,
+                      "rows": [{"name": r.name, "bundles": list(r.bundles), "mean": r.mean, "std": r.std,
+                                "undefined": r.undefined} for r in s.rows]} for s in sections],
+        "serving_cost": costs,
+        "lineage": lineage,
+    }
+    path = out / "report.json"
+    path.write_text(json.dumps(doc, indent=1, default=str) + "\n", encoding="utf-8")
+    return path
+
+
 def write_page(out: Path, sections: Sequence[DatasetSection], costs: Mapping[str, Mapping[str, Any]],
                lineage: Mapping[str, Any]) -> Path:
     """``out/index.html`` from the sections (their PNGs already written beside it)."""
@@ -203,8 +228,9 @@ def write_page(out: Path, sections: Sequence[DatasetSection], costs: Mapping[str
         '<a href="#lineage">lineage</a></p>'
         "<p class=sub>AUROC: how well each uncertainty score ranks errors above correct answers (0.5 = chance). "
         "AURC (area under risk–coverage) and ACC @ 80% coverage abstain on predictive entropy. ECE uses 15 "
-        "equal-width bins. Groups show mean ± sample std over their bundles (seeds); the best value per column "
-        "is bold.</p>"
+        "equal-width bins. Groups show mean ± sample std over their bundles (seeds), and the plots draw each group "
+        "by its first bundle; the best value per column is bold. A name ending in <code>@T1</code> is that bundle "
+        "served at temperature 1 (no temperature scaling: the plain MAP of the seed papers).</p>"
         + "".join(_section_html(s) for s in sections)
         + f'<section id="cost"><h2>Serving cost per question</h2>{_cost_html(costs)}</section>'
         + f'<section id="lineage"><h2>Lineage</h2>{_lineage_html(lineage)}</section></body></html>')
