@@ -30,8 +30,8 @@ class BundleEntry:
     predictor: Predictor
     ref: BundleRef
     space: AnswerSpaceSpec  # format, prompt, token budget, label set
+    guarantees: BundleGuarantees  # conformal sets and risk control of this version's calibration
     notes: list[str] = field(default_factory=list)  # attached to every answer (e.g. a numerics mismatch)
-    guarantees: BundleGuarantees | None = None  # conformal sets and risk control (None: built on first use)
     loaded_at: float = field(default_factory=time.time)
     refcount: int = 0
     retired: bool = False

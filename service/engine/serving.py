@@ -164,7 +164,7 @@ class ServingEngine(Engine):
         entry = self.registry.acquire(bundle)
         self._in_flight += 1
         try:
-            self._guarantees(entry).check(options)
+            entry.guarantees.check(options)
             encoded = [self._encode(entry, q, i, len(questions)) for i, q in enumerate(questions)]
             rows = tuple(entry.predictor.row_slots())
             works = [RowWork(e, entry.answer_format, rows, entry.predictor.first_layer,
@@ -240,7 +240,7 @@ class ServingEngine(Engine):
                                   self.settings.default_thresholds())
         reasons = abstain_reasons(used, predictive_entropy=entropy, mutual_information=mi,
                                   max_probability=max_prob, feu=feu)
-        guarantees = self._guarantees(entry)
+        guarantees = entry.guarantees
         decision = guarantees.decide({"predictive_entropy": entropy, "mutual_information": mi,
                                       "one_minus_max_probability": 1.0 - max_prob,
                                       "one_minus_feu": None if feu is None else 1.0 - feu}, options)
@@ -256,12 +256,6 @@ class ServingEngine(Engine):
             mutual_information=mi, max_probability=max_prob, members=members, thresholds_used=used,
             feu=feu, answer_set=guarantees.answer_set(probs, options), risk=decision,
             bundle=entry.ref, timings=timings, notes=[*prediction.notes, *entry.notes])
-
-    @staticmethod
-    def _guarantees(entry: BundleEntry) -> BundleGuarantees:
-        if entry.guarantees is None:
-            entry.guarantees = BundleGuarantees(entry.predictor.manifest.calibration)
-        return entry.guarantees
 
     # --- bundles --------------------------------------------------------------------------------------
 
@@ -343,7 +337,8 @@ class ServingEngine(Engine):
             notes.append(f"bundle calibrated on a {calibrated} base but served on {self.settings.dtype}: its "
                          "stated coverage, risk and validation ECE were not measured on these numerics")
         return BundleEntry(name=manifest.name, generation=self.registry.next_generation(),
-                           predictor=predictor, ref=ref, space=manifest.answer_space, notes=notes)
+                           predictor=predictor, ref=ref, space=manifest.answer_space,
+                           guarantees=BundleGuarantees(manifest.calibration), notes=notes)
 
     async def unload_bundle(self, name: str) -> BundleStatus:
         async with self._locks[name]:
@@ -370,7 +365,7 @@ class ServingEngine(Engine):
             notes=list(entry.notes), engine=self.name,
             labels=None if entry.space.labels is None else list(entry.space.labels),
             prompt=entry.space.prompt_text(), prompt_hash=entry.ref.prompt_hash,
-            guarantees=self._guarantees(entry).summary())
+            guarantees=entry.guarantees.summary())
 
     def labels(self, bundle: str) -> tuple[str, ...] | None:
         return self.registry.get(bundle).space.labels
