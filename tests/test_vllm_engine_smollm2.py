@@ -1,7 +1,7 @@
 """The vLLM engine against the torch engine, for real: SmolLM2 (float32), vLLM's CPU build, HTTP on loopback.
 
-Small real bundles are trained here (cloze and letter ensembles with M = 2, a MAP with M = 1, and a
-Laplace-probit bundle on that MAP). The torch engine answers in process (FastAPI's test client); the
+Small real bundles are trained here (cloze and letter ensembles with M = 2, a MAP with M = 1, the two
+baselines as M = 2 bundles (MC dropout, checkpoint ensemble), and a Laplace-probit bundle on that MAP). The torch engine answers in process (FastAPI's test client); the
 vLLM engine is a real ``uqserve serve --engine vllm`` subprocess. Same questions, same bundles: the
 answers must agree (probabilities, entropy, MI within 1e-3, same abstentions). Then: the refused
 method, hot-swap under load with zero failures, a bad model path, and a killed vLLM engine core
@@ -40,6 +40,12 @@ def bundle_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name, extra in (("cl", ["--members", "2"]), ("le", ["--members", "2", "--answer-format", "letter"]),
                         ("map", ["--members", "1"])):
         assert main(["train", "ensemble", *TRAIN, *extra, "--out", str(root), "--name", name]) == 0
+    # the two baselines (issue 13) are ordinary ensemble bundles: MC-dropout masks folded into the members, and
+    # snapshots of one run
+    assert main(["train", "mc-dropout", *TRAIN, "--dropout", "0.1", "--samples", "2", "--out", str(root),
+                 "--name", "mcd"]) == 0
+    assert main(["train", "checkpoint-ensemble", *TRAIN, "--snapshots", "2", "--out", str(root),
+                 "--name", "ckpt"]) == 0
     assert main(["train", "laplace", "--dataset", "arc_easy", "--train-limit", "32", "--val-limit", "40",
                  "--map-bundle", str(root / "map"), "--link", "probit", "--out", str(root), "--name", "lap"]) == 0
     return root
@@ -53,7 +59,7 @@ def _free_port() -> int:
 
 def _serve(root: Path, *extra: str, log: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = _free_port()
-    env = {**os.environ, "UQSERVE_ADMIN_KEY": ADMIN, "UQSERVE_PRELOAD_BUNDLES": "cl,le,map,lap",
+    env = {**os.environ, "UQSERVE_ADMIN_KEY": ADMIN, "UQSERVE_PRELOAD_BUNDLES": "cl,le,map,lap,mcd,ckpt",
            "UQSERVE_BUNDLE_ROOT": str(root), "UQSERVE_VLLM_MAX_CPU_LORAS": "16",
            "UQSERVE_REQUEST_TIMEOUT_S": "600"}
     cmd = [sys.executable, "-m", "uqserve.cli", "serve", "--engine", "vllm", "--port", str(port), *extra]
@@ -91,7 +97,8 @@ def torch_client(bundle_root: Path) -> Any:
     from service.app import create_app
     from service.settings import Settings
 
-    settings = Settings(bundle_root=bundle_root, preload_bundles=["cl", "le", "map"], admin_key=ADMIN)
+    settings = Settings(bundle_root=bundle_root, preload_bundles=["cl", "le", "map", "mcd", "ckpt"],
+                        admin_key=ADMIN)
     with TestClient(create_app(settings)) as client:
         yield client
 
@@ -126,7 +133,7 @@ def _batch(post: Any, bundle: str, questions: list[dict[str, Any]], thresholds: 
     return list(response.json()["results"])
 
 
-@pytest.mark.parametrize("bundle", ["cl", "le", "map"])
+@pytest.mark.parametrize("bundle", ["cl", "le", "map", "mcd", "ckpt"])
 def test_same_answers_on_both_engines(bundle: str, vllm_url: Any, torch_client: Any) -> None:
     url, _ = vllm_url
     questions = _questions()
