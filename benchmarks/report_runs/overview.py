@@ -144,7 +144,7 @@ def figure(pages: list[dict[str, Any]], path: Path) -> bool:
                     xs.append(j + (i - len(METHODS) / 2 + 0.5) * width)
                     ys.append(row["mean"][key])
                     errs.append(row["std"].get(key) or 0.0)
-            ax.bar(xs, ys, width, yerr=errs, label=method, capsize=2)
+            ax.bar(xs, ys, width, yerr=errs if any(errs) else None, label=method, capsize=2)
         ax.set_ylabel(label)
         ax.grid(axis="y", alpha=0.3)
     axes[1].set_xticks(range(len(panels)), [f for f, _ in panels], rotation=20)
