@@ -1,8 +1,9 @@
 """The vLLM engine against the torch engine, for real: SmolLM2 (float32), vLLM's CPU build, HTTP on loopback.
 
 Small real bundles are trained here (cloze and letter ensembles with M = 2, a MAP with M = 1, the two
-baselines as M = 2 bundles (MC dropout, checkpoint ensemble), and a Laplace-probit bundle on that MAP). The torch engine answers in process (FastAPI's test client); the
-vLLM engine is a real ``uqserve serve --engine vllm`` subprocess. Same questions, same bundles: the
+baselines as M = 2 bundles (MC dropout, checkpoint ensemble), and a Laplace-probit bundle on that MAP).
+The torch engine answers in process (FastAPI's test client); the vLLM engine is a real
+``uqserve serve --engine vllm`` subprocess. Same questions, same bundles: the
 answers must agree (probabilities, entropy, MI within 1e-3, same abstentions). Then: the refused
 method, hot-swap under load with zero failures, a bad model path, and a killed vLLM engine core
 (``/readyz`` and answers turn 503).
