@@ -152,7 +152,8 @@ def run(args: argparse.Namespace) -> int:
     costs: dict[str, dict[str, Any]] = {}
     if not args.no_timing and args.timing_questions > 0:
         batch = datasets[0].questions[: args.timing_questions]
-        for name in tqdm(bundles, desc="serving cost", unit="bundle"):
+        timed = [n for n in bundles if n not in variants]  # a @T1 variant costs what its bundle costs
+        for name in tqdm(timed, desc="serving cost", unit="bundle"):
             costs[name] = serving_cost(base, bundles[name][1], batch, identities[name], cache_dir, args.retime)
 
     lineage = {
